@@ -1,0 +1,6 @@
+"""fastprefix: attention with a shared or learned prefix, without materializing the prefix."""
+
+from .ops import prefix_attention
+
+__all__ = ["prefix_attention"]
+__version__ = "0.1.0"

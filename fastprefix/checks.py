@@ -1,0 +1,157 @@
+"""Argument checking for `prefix_attention`: every bad input fails here, before any compute.
+
+Messages follow one pattern: which argument, what was expected, what was given, how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes of one `prefix_attention` call. `shared` is True for a [Hkv, P, D] prefix."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    N: int
+    S: int
+    P: int
+    D: int
+    shared: bool
+
+    @property
+    def G(self) -> int:
+        """Query heads per KV head (1 for MHA, Hq for MQA)."""
+        return self.Hq // self.Hkv
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _require_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"prefix_attention: `{name}` must be a torch.Tensor, got {type(t).__name__}.")
+
+
+def _require_rank(name: str, t: torch.Tensor, ranks: tuple[int, ...], layout: str) -> None:
+    if t.dim() not in ranks:
+        raise ValueError(
+            f"prefix_attention: `{name}` must be {layout}, got a {t.dim()}-D tensor of shape {_shape(t)}."
+        )
+
+
+def _require_size(name: str, t: torch.Tensor, dim: int, expected: int, what: str, fix: str) -> None:
+    if t.shape[dim] != expected:
+        raise ValueError(
+            f"prefix_attention: `{name}` has {what} = {t.shape[dim]} (shape {_shape(t)}), expected {expected}. {fix}"
+        )
+
+
+def _require_broadcastable(name: str, t: torch.Tensor, target: tuple[int, ...], layout: str) -> None:
+    ok = t.dim() <= len(target) and all(
+        s == 1 or s == e for s, e in zip(reversed(t.shape), reversed(target))
+    )
+    if not ok:
+        raise ValueError(
+            f"prefix_attention: `{name}` of shape {_shape(t)} does not broadcast to {layout} = "
+            f"[{', '.join(map(str, target))}]. Each dimension must be 1 or equal to the target size."
+        )
+
+
+def check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, scale) -> tuple[Dims, float]:
+    """Validate a `prefix_attention` call. Returns its `Dims` and the resolved softmax scale."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        _require_tensor(name, t)
+    _require_rank("q", q, (4,), "[B, Hq, N, D]")
+    _require_rank("k", k, (4,), "[B, Hkv, S, D]")
+    _require_rank("v", v, (4,), "[B, Hkv, S, D]")
+    layout = "[Hkv, P, D] (shared by every row) or [B, Hkv, P, D] (one per row)"
+    _require_rank("prefix_k", prefix_k, (3, 4), layout)
+    _require_rank("prefix_v", prefix_v, (3, 4), layout)
+    if prefix_k.dim() != prefix_v.dim():
+        raise ValueError(
+            f"prefix_attention: `prefix_k` {_shape(prefix_k)} and `prefix_v` {_shape(prefix_v)} must both be "
+            "shared [Hkv, P, D] or both per-row [B, Hkv, P, D]."
+        )
+
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"prefix_attention: `q` must be float16, bfloat16, float32 or float64, got {q.dtype}."
+        )
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t.dtype != q.dtype:
+            raise TypeError(
+                f"prefix_attention: `{name}` has dtype {t.dtype} but `q` has {q.dtype}; all of q, k, v, "
+                f"prefix_k, prefix_v must share one dtype. Cast with `{name}.to({q.dtype})`."
+            )
+        if t.device != q.device:
+            raise ValueError(
+                f"prefix_attention: `{name}` is on {t.device} but `q` is on {q.device}. "
+                f"Move it with `{name}.to({str(q.device)!r})`."
+            )
+
+    B, Hq, N, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if B == 0 or Hq == 0 or N == 0 or D == 0:
+        raise ValueError(f"prefix_attention: `q` must be non-empty in every dimension, got shape {_shape(q)}.")
+    if Hkv == 0:
+        raise ValueError(f"prefix_attention: `k` must have at least one head, got shape {_shape(k)}.")
+    for name, t in (("k", k), ("v", v)):
+        _require_size(name, t, 0, B, "batch size", "k and v need one row per row of q.")
+        _require_size(name, t, 3, D, "head dim", "q, k and v must share the head dim D.")
+    _require_size("v", v, 1, Hkv, "head count", "k and v must have the same number of KV heads.")
+    _require_size("v", v, 2, S, "sequence length", "k and v must have the same sequence length S.")
+    if Hq % Hkv != 0:
+        raise ValueError(
+            f"prefix_attention: `q` has {Hq} heads, which is not a multiple of the {Hkv} KV heads of `k`. "
+            "Grouped-query attention needs Hq % Hkv == 0."
+        )
+
+    shared = prefix_k.dim() == 3
+    head = 0 if shared else 1
+    if not shared:
+        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+            _require_size(name, t, 0, B, "batch size", "A per-row prefix needs one row per row of q; "
+                          "pass a [Hkv, P, D] tensor to share one prefix across the batch.")
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        _require_size(name, t, head, Hkv, "head count", "The prefix must have as many heads as k (the KV heads).")
+        _require_size(name, t, head + 2, D, "head dim", "The prefix must have the head dim D of q and k.")
+    P = prefix_k.shape[head + 1]
+    _require_size("prefix_v", prefix_v, head + 1, P, "prefix length", "prefix_k and prefix_v must have the same P.")
+
+    if attn_mask is not None:
+        _require_tensor("attn_mask", attn_mask)
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(
+                f"prefix_attention: `attn_mask` must be a bool tensor (True = may attend), got {attn_mask.dtype}. "
+                "For an additive float mask use `attn_bias`."
+            )
+        if attn_mask.device != q.device:
+            raise ValueError(f"prefix_attention: `attn_mask` is on {attn_mask.device} but `q` is on {q.device}.")
+        _require_broadcastable("attn_mask", attn_mask, (B, Hq, N, S), "[B, Hq, N, S]")
+    if attn_bias is not None:
+        _require_tensor("attn_bias", attn_bias)
+        if attn_bias.dtype != q.dtype:
+            raise TypeError(
+                f"prefix_attention: `attn_bias` must have the dtype of `q` ({q.dtype}), got {attn_bias.dtype}. "
+                f"Cast with `attn_bias.to({q.dtype})`."
+            )
+        if attn_bias.device != q.device:
+            raise ValueError(f"prefix_attention: `attn_bias` is on {attn_bias.device} but `q` is on {q.device}.")
+        _require_broadcastable("attn_bias", attn_bias, (B, Hq, N, P + S), "[B, Hq, N, P + S]")
+
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"prefix_attention: `dropout_p` must be a number in [0, 1), got {dropout_p!r}.")
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"prefix_attention: `scale` must be a finite number or None (D ** -0.5), got {scale!r}.")
+    return Dims(B, Hq, Hkv, N, S, P, D, shared), float(scale)

@@ -1,0 +1,106 @@
+"""Random cases and the float64 oracle, shared by the tests, the benchmarks and `fastprefix check`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .reference import reference_attention
+
+GRAD_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One prefix-attention problem. mask/bias name a broadcast shape (see `_MASK_SHAPES`) or None."""
+
+    B: int
+    Hq: int
+    Hkv: int
+    N: int
+    S: int
+    P: int
+    D: int
+    shared: bool = True
+    causal: bool = False
+    mask: str | None = None
+    bias: str | None = None
+    bias_grad: bool = False
+    transposed: bool = True
+
+    def __str__(self) -> str:
+        flags = [f for f, on in (("shared", self.shared), ("causal", self.causal), ("biasgrad", self.bias_grad))
+                 if on]
+        extra = [f"mask={self.mask}"] * bool(self.mask) + [f"bias={self.bias}"] * bool(self.bias)
+        return (f"B{self.B}-H{self.Hq}/{self.Hkv}-N{self.N}-S{self.S}-P{self.P}-D{self.D}"
+                + "".join(f"-{f}" for f in flags + extra))
+
+
+def _mask_shape(kind: str, c: Case, cols: int) -> tuple[int, ...]:
+    return {
+        "full": (c.B, c.Hq, c.N, cols),
+        "rows": (c.B, 1, 1, cols),
+        "heads": (1, c.Hq, c.N, cols),
+        "2d": (c.N, cols),
+        "1d": (cols,),
+    }[kind]
+
+
+@dataclass
+class Inputs:
+    """Tensors of a `Case`, ready to pass as `prefix_attention(*inp.tensors, **inp.options)`."""
+
+    tensors: tuple[torch.Tensor, ...]
+    options: dict = field(default_factory=dict)
+
+    def grad_targets(self) -> list[torch.Tensor]:
+        bias = self.options.get("attn_bias")
+        return list(self.tensors) + ([bias] if bias is not None and bias.requires_grad else [])
+
+
+def make_inputs(case: Case, dtype=torch.float32, device="cpu", requires_grad=True, generator=None) -> Inputs:
+    """Gaussian inputs for `case`. With `transposed`, q/k/v are [B, N, H, D] buffers viewed as
+    [B, H, N, D], the layout HuggingFace attention modules hand over."""
+    c = case
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device).to(dtype)
+
+    def seq(heads, length):
+        t = randn(c.B, length, heads, c.D).transpose(1, 2) if c.transposed else randn(c.B, heads, length, c.D)
+        return t.requires_grad_(requires_grad)
+
+    pshape = (c.Hkv, c.P, c.D) if c.shared else (c.B, c.Hkv, c.P, c.D)
+    tensors = (seq(c.Hq, c.N), seq(c.Hkv, c.S), seq(c.Hkv, c.S),
+               randn(*pshape).requires_grad_(requires_grad), randn(*pshape).requires_grad_(requires_grad))
+    options = {"causal": c.causal}
+    if c.mask:
+        mask = torch.rand(_mask_shape(c.mask, c, c.S), generator=generator, device=device) > 0.3
+        options["attn_mask"] = mask
+    if c.bias:
+        bias = randn(*_mask_shape(c.bias, c, c.P + c.S))
+        options["attn_bias"] = bias.requires_grad_(c.bias_grad and requires_grad)
+    return Inputs(tensors, options)
+
+
+def oracle(inputs: Inputs, dtype=torch.float64):
+    """(out, lse) of the reference over the inputs upcast to `dtype`, differentiable w.r.t. those copies.
+
+    Returns (out, lse, leaves): `leaves` are the upcast copies, in the order of `Inputs.grad_targets`.
+    """
+    leaves = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in inputs.grad_targets()]
+    options = dict(inputs.options)
+    if "attn_bias" in options:
+        bias = options["attn_bias"]
+        options["attn_bias"] = leaves[5] if bias.requires_grad else bias.detach().to(dtype)
+    out, lse = reference_attention(*leaves[:5], compute_dtype=dtype, **options)
+    return out, lse, leaves
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (0 when both are zero)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff if denom == 0 else diff / denom

@@ -1,0 +1,18 @@
+from setuptools import setup
+
+setup(
+    name="fastprefix",
+    version="0.1.0",
+    description="Attention with a shared or learned prefix, without materializing the prefix (Triton + PyTorch).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastprefix"],
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=5.0",
+    ],
+    extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.21"]},
+    entry_points={"console_scripts": ["fastprefix=fastprefix.cli:main"]},
+)
