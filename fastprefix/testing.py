@@ -104,3 +104,38 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     denom = e.norm().item()
     diff = (a - e).norm().item()
     return diff if denom == 0 else diff / denom
+
+
+class AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op name, shape, storage bytes) of every tensor an aten op produces while active.
+
+    Views are recorded too; `storage_bytes` tells a view of a small tensor from a real copy.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.produced: list[tuple[str, tuple[int, ...], int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        outputs = result if isinstance(result, (tuple, list)) else (result,)
+        for t in outputs:
+            if isinstance(t, torch.Tensor):
+                self.produced.append((str(func), tuple(t.shape), t.untyped_storage().nbytes()))
+        return result
+
+
+def materialization_violations(produced, *, B, Hq, Hkv, N, P, S, D, itemsize, shared) -> list[str]:
+    """Produced tensors that betray a materialized prefix:
+    * keys or values concatenated with the prefix: dims P + S and D;
+    * scores over the concatenated columns: a dim P + S and storage for B * Hq * N * (P + S) elements
+      (an attn_bias broadcast over B or heads is smaller, so pass one that is);
+    * for a shared prefix, the prefix copied per row: dims P and D and storage for B * Hkv * P * D elements.
+    Choose sizes so that P + S, P and D coincide with no other dimension."""
+    bad = []
+    for op, shape, nbytes in produced:
+        if P + S in shape and (D in shape or nbytes >= B * Hq * N * (P + S) * itemsize):
+            bad.append(f"{op} produced {list(shape)}: P + S = {P + S} key columns")
+        if shared and P in shape and D in shape and nbytes >= B * Hkv * P * D * itemsize:
+            bad.append(f"{op} produced {list(shape)} ({nbytes} bytes): the shared prefix copied per row")
+    return bad

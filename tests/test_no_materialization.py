@@ -1,0 +1,53 @@
+"""The fused path never concatenates prefix and sequence keys, nor copies a shared prefix per row."""
+
+import pytest
+import torch
+
+from fastprefix import prefix_attention
+from fastprefix import torch_path
+from fastprefix.reference import reference_attention
+from fastprefix.segment_attention import Explicit
+from fastprefix.testing import AllocationRecorder, Case, make_inputs, materialization_violations
+
+# Sizes chosen so that P + S = 20, P = 7 and D = 16 equal no other dimension.
+CASE = dict(B=3, Hq=4, Hkv=2, N=11, S=13, P=7, D=16)
+
+
+def fused(q, k, v, prefix_k, prefix_v, **options):
+    return prefix_attention(q, k, v, prefix_k, prefix_v, **options, backend="torch")
+
+
+def run_recorded(case, attention=fused):
+    """Forward and backward of `attention` on a random `case`; returns the materialization violations."""
+    inp = make_inputs(case)
+    with AllocationRecorder() as rec:
+        out = attention(*inp.tensors, **inp.options)
+        out.backward(torch.randn_like(out))
+    return materialization_violations(rec.produced, B=case.B, Hq=case.Hq, Hkv=case.Hkv, N=case.N, P=case.P,
+                                      S=case.S, D=case.D, itemsize=4, shared=case.shared)
+
+
+@pytest.mark.parametrize("engine", ["default", "explicit"])
+@pytest.mark.parametrize("options", [{}, {"causal": True, "mask": "rows", "bias": "heads", "bias_grad": True}],
+                         ids=["plain", "masked"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+def test_torch_path_does_not_materialize(shared, options, engine, monkeypatch):
+    if engine == "explicit":
+        monkeypatch.setattr(torch_path, "_engine", lambda *args: Explicit)
+    assert run_recorded(Case(**CASE, shared=shared, **options)) == []
+
+
+def concatenating(q, k, v, prefix_k, prefix_v, **options):
+    return reference_attention(q, k, v, prefix_k, prefix_v, **options)[0]
+
+
+def copying_per_row(q, k, v, prefix_k, prefix_v, **options):
+    rows = (q.shape[0], -1, -1, -1)
+    return fused(q, k, v, prefix_k.expand(rows).contiguous(), prefix_v.expand(rows).contiguous(), **options)
+
+
+@pytest.mark.parametrize("attention, rule", [(concatenating, "key columns"), (copying_per_row, "copied per row")])
+def test_detector_catches_materialization(attention, rule):
+    """The check above can fail: a path that concatenates, or copies the shared prefix per row, is caught."""
+    bad = run_recorded(Case(**CASE, shared=True), attention)
+    assert any(rule in b for b in bad), bad
