@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .ops import prefix_attention
 from .reference import reference_attention
 
-GRAD_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+GRAD_NAMES = ("dq", "dk", "dv", "dprefix_k", "dprefix_v", "dattn_bias")
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,54 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     denom = e.norm().item()
     diff = (a - e).norm().item()
     return diff if denom == 0 else diff / denom
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One quantity of a backend against the float64 oracle."""
+
+    name: str
+    error: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.bound
+
+    def __str__(self) -> str:
+        return f"{self.name}: relative error {self.error:.2e} (bound {self.bound:.2e})"
+
+
+def _comparison(name, actual, expected, same_precision, ratio) -> Comparison:
+    """Bound: the dtype's tolerance (DESIGN.md section 6), or `ratio` x the error of the reference math run
+    in the input dtype (`same_precision`), whichever is larger: some quantities, like the gradient of a
+    bias that cancels across a softmax row, are ill-conditioned in any implementation."""
+    bound = max(TOLERANCE[actual.dtype], ratio * relative_error(same_precision, expected))
+    return Comparison(name, relative_error(actual, expected), bound)
+
+
+def compare_to_oracle(inputs: Inputs, backend: str) -> list[Comparison]:
+    """Forward, lse and every gradient of `backend` against the float64 oracle, on the same inputs and
+    the same random output gradient. Raises AssertionError on a wrong dtype, shape or set of empty rows."""
+    q = inputs.tensors[0]
+    out, lse = prefix_attention(*inputs.tensors, **inputs.options, return_lse=True, backend=backend)
+    assert out.dtype == q.dtype and out.shape == q.shape, (out.dtype, out.shape)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1], (lse.dtype, lse.shape)
+    ref_out, ref_lse, leaves = oracle(inputs)
+    dout = torch.randn_like(ref_out)
+    grads = torch.autograd.grad(out, inputs.grad_targets(), dout.to(q.dtype))
+    ref_grads = torch.autograd.grad(ref_out, leaves, dout)
+    same_out, same_lse, same_leaves = oracle(inputs, dtype=q.dtype)
+    same_grads = torch.autograd.grad(same_out, same_leaves, dout.to(q.dtype))
+
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse).cpu(), empty.cpu()), "rows that see no key differ from the oracle's"
+    result = [_comparison("out", out, ref_out, same_out, ratio=2),
+              _comparison("lse", lse[~empty], ref_lse[~empty], same_lse[~empty], ratio=2)]
+    for name, g, rg, sg in zip(GRAD_NAMES, grads, ref_grads, same_grads):
+        assert g.shape == rg.shape and g.dtype == q.dtype, (name, g.shape, g.dtype)
+        result.append(_comparison(name, g, rg, sg, ratio=3))
+    return result
 
 
 class AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):

@@ -5,6 +5,9 @@ Nothing is concatenated and a shared prefix is never expanded over the batch. Fo
 [1, Hkv, B*G*N, D] tensor, so the prefix part of the whole batch is one batched matrix product per KV head
 and the prefix gradient comes out already summed over rows and heads. Backward recomputes each segment
 from q, k, v, prefix, the merged output and the merged log-sum-exp; nothing of size N x S is saved.
+
+Segment results are merged in a 5-D view [B, Hkv, G, N, X] that both layouts reach without copying,
+accumulating into the sequence segment's own output buffer.
 """
 
 from __future__ import annotations
@@ -16,34 +19,45 @@ from .reference import causal_visibility
 from .segment_attention import NEG_INF, Explicit, FlashCPU
 
 
-def merge_lse(parts, like: torch.Tensor):
-    """Merge normalized segment outputs by their log-sum-exps.
+def merge_lse(parts):
+    """Merge normalized segment outputs by their log-sum-exps; consumes `parts`.
 
-    parts: list of (out [..., N, D], lse [..., N]); `like` gives the shape and device when `parts` is empty.
-    Returns (out in float32/float64, lse) with out = sum_i exp(lse_i - lse) * out_i and
-    lse = logsumexp_i(lse_i). Rows where every lse_i is -inf get out = 0 and lse = -inf.
+    parts: non-empty list of (out [..., N, D], lse [..., N]), all broadcast-compatible. Returns (out, lse)
+    with lse = logsumexp_i(lse_i) and out = sum_i exp(lse_i - lse) * out_i, accumulated in lse's dtype
+    in the first part's buffer when it has that dtype. Rows where every lse_i is -inf get out = 0 and
+    lse = -inf.
     """
-    if not parts:
-        ct = torch.float64 if like.dtype == torch.float64 else torch.float32
-        return torch.zeros(like.shape, dtype=ct, device=like.device), like.new_full(like.shape[:-1], NEG_INF, dtype=ct)
     lse = parts[0][1]
     for _, lse_i in parts[1:]:
         lse = torch.logaddexp(lse, lse_i)
     finite = lse.masked_fill(torch.isneginf(lse), 0.0)
-    out = sum(torch.exp(lse_i - finite)[..., None] * out_i.to(lse.dtype) for out_i, lse_i in parts)
+    out = None
+    for out_i, lse_i in parts:
+        weight = torch.exp(lse_i - finite)[..., None]
+        out = out_i.to(lse.dtype).mul_(weight) if out is None else out.addcmul_(out_i, weight)
     return out, lse
 
 
 def to_prefix_layout(t: torch.Tensor, hkv: int) -> torch.Tensor:
-    """[B, Hq, N, X] -> [1, Hkv, B*G*N, X]: every query row that reads KV head h, stacked."""
+    """[B, Hq, N, X] -> [1, Hkv, B*G*N, X] (a copy): every query row that reads KV head h, stacked."""
     B, Hq, N, X = t.shape
     return t.unflatten(1, (hkv, Hq // hkv)).transpose(0, 1).reshape(1, hkv, -1, X)
 
 
-def from_prefix_layout(t: torch.Tensor, B: int, Hq: int) -> torch.Tensor:
-    """Inverse of `to_prefix_layout`: [1, Hkv, B*G*N, X] -> [B, Hq, N, X]."""
-    _, hkv, rows, X = t.shape
-    return t.reshape(hkv, B, Hq // hkv, rows // (B * Hq // hkv), X).transpose(0, 1).reshape(B, Hq, -1, X)
+def _grouped(t: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """A view [B, Hkv, G, N, X] of a [B, Hq, N, X] tensor."""
+    return t.unflatten(1, (dims.Hkv, dims.G))
+
+
+def _grouped_prefix_result(t: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """A view [B, Hkv, G, N, X] of a prefix-segment result ([1, Hkv, B*G*N, X] when shared)."""
+    if dims.shared:
+        return t.view(dims.Hkv, dims.B, dims.G, dims.N, t.shape[-1]).transpose(0, 1)
+    return _grouped(t, dims)
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
 def segment_masks(dims: Dims, causal, attn_mask, attn_bias, dtype, device):
@@ -73,10 +87,6 @@ def segment_masks(dims: Dims, causal, attn_mask, attn_bias, dtype, device):
     return prefix_mask, seq_mask, square_causal
 
 
-def _as_4d(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
-
-
 def _engine(q: torch.Tensor, dropout_p: float, *masks):
     """FlashCPU when it can do the job (CPU, no dropout, no mask gradient), else Explicit."""
     wants_mask_grad = any(m is not None and m.requires_grad for m in masks)
@@ -92,11 +102,6 @@ def _prefix_operands(q, prefix_k, prefix_v, dims: Dims):
     return q, prefix_k, prefix_v
 
 
-def _rows_of(t: torch.Tensor, dims: Dims) -> torch.Tensor:
-    """A prefix-segment result [.., rows, X] back in the [B, Hq, N, X] layout."""
-    return from_prefix_layout(t, dims.B, dims.Hq) if dims.shared else t
-
-
 def _prefix_of(t: torch.Tensor, dims: Dims) -> torch.Tensor:
     return to_prefix_layout(t, dims.Hkv) if dims.shared else t
 
@@ -109,14 +114,18 @@ class TorchPrefixAttention(torch.autograd.Function):
         engine = _engine(q, dropout_p, prefix_mask, seq_mask)
         seed = int(torch.randint(2**62, ()).item()) if dropout_p > 0 else 0
         parts = []
-        if dims.P:
-            qp, kp, vp = _prefix_operands(q, prefix_k, prefix_v, dims)
-            out_p, lse_p = engine.forward(qp, kp, vp, prefix_mask, False, scale, dropout_p, seed)
-            parts.append((_rows_of(out_p, dims), _rows_of(lse_p[..., None], dims)[..., 0]))
-        if dims.S:
-            parts.append(engine.forward(q, k, v, seq_mask, square_causal, scale, dropout_p, seed + 1))
-        out, lse = merge_lse(parts, like=q)
-        out = out.to(q.dtype)
+        if dims.P:  # first, so its stacked copy of q is freed before the sequence segment allocates
+            out_p, lse_p = engine.forward(*_prefix_operands(q, prefix_k, prefix_v, dims), prefix_mask, False,
+                                          scale, dropout_p, seed)
+            parts.append((_grouped_prefix_result(out_p, dims), _grouped_prefix_result(lse_p[..., None], dims)[..., 0]))
+        if dims.S:  # merged into first: its output buffer has q's layout and becomes `out`
+            out_s, lse_s = engine.forward(q, k, v, seq_mask, square_causal, scale, dropout_p, seed + 1)
+            parts.insert(0, (_grouped(out_s, dims), _grouped(lse_s[..., None], dims)[..., 0]))
+        if parts:
+            out, lse = merge_lse(parts)
+            out, lse = out.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:-1])
+        else:
+            out, lse = torch.zeros_like(q), q.new_full(q.shape[:-1], NEG_INF, dtype=torch.float32)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_mask, seq_mask, out, lse)
         ctx.engine, ctx.dims, ctx.square_causal, ctx.scale = engine, dims, square_causal, scale
         ctx.dropout_p, ctx.seed = dropout_p, seed
@@ -126,25 +135,28 @@ class TorchPrefixAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, prefix_k, prefix_v, prefix_mask, seq_mask, out, lse = ctx.saved_tensors
-        dims, engine, args = ctx.dims, ctx.engine, (ctx.scale, ctx.dropout_p)
+        dims, engine, options = ctx.dims, ctx.engine, (ctx.scale, ctx.dropout_p)
         # Rows that see no key: L = +inf makes every probability exp(s - L) zero in backward.
         lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
         dout = dout.to(q.dtype)
-        dq = torch.zeros_like(q)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-        dprefix_mask = dseq_mask = None
+        dq = dqp = dprefix_mask = dseq_mask = None
         if dims.P:
-            qp, kp, vp = _prefix_operands(q, prefix_k, prefix_v, dims)
             dqp, dpk, dpv, dprefix_mask = engine.backward(
-                _prefix_of(dout, dims), qp, kp, vp, _prefix_of(out, dims), _prefix_of(lse[..., None], dims)[..., 0],
-                prefix_mask, False, *args, ctx.seed)
-            dq = dq + _rows_of(dqp, dims)
+                _prefix_of(dout, dims), *_prefix_operands(q, prefix_k, prefix_v, dims), _prefix_of(out, dims),
+                _prefix_of(lse[..., None], dims)[..., 0], prefix_mask, False, *options, ctx.seed)
             dpk, dpv = dpk.reshape(prefix_k.shape), dpv.reshape(prefix_v.shape)
+        else:  # empty tensors
+            dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
         if dims.S:
-            dqs, dk, dv, dseq_mask = engine.backward(
-                dout, q, k, v, out, lse, seq_mask, ctx.square_causal, *args, ctx.seed + 1)
-            dq = dq + dqs
+            dq, dk, dv, dseq_mask = engine.backward(
+                dout, q, k, v, out, lse, seq_mask, ctx.square_causal, *options, ctx.seed + 1)
+        else:  # empty tensors
+            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        if dqp is not None:
+            dqp = _grouped_prefix_result(dqp, dims)
+            dq = dqp.reshape(q.shape) if dq is None else _grouped(dq, dims).add_(dqp).flatten(1, 2)
+        elif dq is None:
+            dq = torch.zeros_like(q)
         grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(q.dtype), dpv.to(q.dtype))
         return (*grads, dprefix_mask, dseq_mask, None, None, None, None)
 
