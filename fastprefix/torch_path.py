@@ -60,37 +60,33 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
-def segment_masks(dims: Dims, causal, attn_mask, attn_bias, dtype, device):
-    """Additive float masks (0 = visible, -inf = hidden, plus bias) for the two segments.
+def segment_masks(dims: Dims, causal, attn_mask, attn_bias, device):
+    """Bias and hidden-key masks of the two segments.
 
-    Returns (prefix_mask, sequence_mask, square_causal). prefix_mask is in the layout the prefix segment
-    runs in; sequence_mask is 4-D and broadcastable to [B, Hq, N, S]. Either is None when it would be all
-    zeros. A bottom-right causal mask is passed on as `square_causal` when N == S (the kernels skip the
-    hidden blocks) and folded into sequence_mask otherwise.
+    Returns (prefix_bias, seq_bias, seq_hidden, square_causal): prefix_bias is in the layout the prefix
+    segment runs in; seq_bias (float) and seq_hidden (bool, True = hidden) are 4-D and broadcastable to
+    [B, Hq, N, S]; each is None when absent. A bottom-right causal mask is passed on as `square_causal` when
+    N == S (the kernels skip the hidden blocks) and folded into seq_hidden otherwise.
     """
     P = dims.P
-    prefix_mask = seq_mask = None
+    prefix_bias = seq_bias = None
     if attn_bias is not None:
         attn_bias = _as_4d(attn_bias)
-        prefix_mask, seq_mask = attn_bias[..., :P], attn_bias[..., P:]
+        prefix_bias, seq_bias = attn_bias[..., :P], attn_bias[..., P:]
         if dims.shared and P:
-            prefix_mask = to_prefix_layout(prefix_mask.expand(dims.B, dims.Hq, dims.N, P), dims.Hkv)
+            prefix_bias = to_prefix_layout(prefix_bias.expand(dims.B, dims.Hq, dims.N, P), dims.Hkv)
     hidden = None if attn_mask is None else ~_as_4d(attn_mask)
     square_causal = causal and dims.N == dims.S
     if causal and not square_causal and dims.N > 1:
         above = ~causal_visibility(dims.N, dims.S, device)[None, None]
         hidden = above if hidden is None else hidden | above
-    if hidden is not None:
-        if seq_mask is None:
-            seq_mask = torch.zeros((), dtype=dtype, device=device)
-        seq_mask = seq_mask.masked_fill(hidden, NEG_INF)
-    return prefix_mask, seq_mask, square_causal
+    return prefix_bias, seq_bias, hidden, square_causal
 
 
-def _engine(q: torch.Tensor, dropout_p: float, *masks):
-    """FlashCPU when it can do the job (CPU, no dropout, no mask gradient), else Explicit."""
-    wants_mask_grad = any(m is not None and m.requires_grad for m in masks)
-    if q.device.type == "cpu" and dropout_p == 0 and not wants_mask_grad:
+def _engine(q: torch.Tensor, dropout_p: float, *biases):
+    """FlashCPU when it can do the job (CPU, no dropout, no bias gradient), else Explicit."""
+    wants_bias_grad = any(b is not None and b.requires_grad for b in biases)
+    if q.device.type == "cpu" and dropout_p == 0 and not wants_bias_grad:
         return FlashCPU
     return Explicit
 
@@ -110,23 +106,25 @@ class TorchPrefixAttention(torch.autograd.Function):
     """Autograd for the fused PyTorch path. Saves inputs, out and lse only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_mask, seq_mask, dims, square_causal, scale, dropout_p):
-        engine = _engine(q, dropout_p, prefix_mask, seq_mask)
+    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_bias, seq_bias, seq_hidden, square_causal, dims, scale,
+                dropout_p):
+        engine = _engine(q, dropout_p, prefix_bias, seq_bias)
         seed = int(torch.randint(2**62, ()).item()) if dropout_p > 0 else 0
         parts = []
         if dims.P:  # first, so its stacked copy of q is freed before the sequence segment allocates
-            out_p, lse_p = engine.forward(*_prefix_operands(q, prefix_k, prefix_v, dims), prefix_mask, False,
-                                          scale, dropout_p, seed)
+            out_p, lse_p = engine.forward(*_prefix_operands(q, prefix_k, prefix_v, dims), prefix_bias, None,
+                                          False, scale, dropout_p, seed)
             parts.append((_grouped_prefix_result(out_p, dims), _grouped_prefix_result(lse_p[..., None], dims)[..., 0]))
         if dims.S:  # merged into first: its output buffer has q's layout and becomes `out`
-            out_s, lse_s = engine.forward(q, k, v, seq_mask, square_causal, scale, dropout_p, seed + 1)
+            out_s, lse_s = engine.forward(q, k, v, seq_bias, seq_hidden, square_causal, scale, dropout_p,
+                                          seed + 1)
             parts.insert(0, (_grouped(out_s, dims), _grouped(lse_s[..., None], dims)[..., 0]))
         if parts:
             out, lse = merge_lse(parts)
             out, lse = out.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:-1])
         else:
             out, lse = torch.zeros_like(q), q.new_full(q.shape[:-1], NEG_INF, dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_mask, seq_mask, out, lse)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_bias, seq_bias, seq_hidden, out, lse)
         ctx.engine, ctx.dims, ctx.square_causal, ctx.scale = engine, dims, square_causal, scale
         ctx.dropout_p, ctx.seed = dropout_p, seed
         ctx.mark_non_differentiable(lse)
@@ -134,22 +132,22 @@ class TorchPrefixAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, prefix_k, prefix_v, prefix_mask, seq_mask, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, prefix_bias, seq_bias, seq_hidden, out, lse = ctx.saved_tensors
         dims, engine, options = ctx.dims, ctx.engine, (ctx.scale, ctx.dropout_p)
         # Rows that see no key: L = +inf makes every probability exp(s - L) zero in backward.
         lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
         dout = dout.to(q.dtype)
-        dq = dqp = dprefix_mask = dseq_mask = None
+        dq = dqp = dprefix_bias = dseq_bias = None
         if dims.P:
-            dqp, dpk, dpv, dprefix_mask = engine.backward(
+            dqp, dpk, dpv, dprefix_bias = engine.backward(
                 _prefix_of(dout, dims), *_prefix_operands(q, prefix_k, prefix_v, dims), _prefix_of(out, dims),
-                _prefix_of(lse[..., None], dims)[..., 0], prefix_mask, False, *options, ctx.seed)
+                _prefix_of(lse[..., None], dims)[..., 0], prefix_bias, None, False, *options, ctx.seed)
             dpk, dpv = dpk.reshape(prefix_k.shape), dpv.reshape(prefix_v.shape)
         else:  # empty tensors
             dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
         if dims.S:
-            dq, dk, dv, dseq_mask = engine.backward(
-                dout, q, k, v, out, lse, seq_mask, ctx.square_causal, *options, ctx.seed + 1)
+            dq, dk, dv, dseq_bias = engine.backward(
+                dout, q, k, v, out, lse, seq_bias, seq_hidden, ctx.square_causal, *options, ctx.seed + 1)
         else:  # empty tensors
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         if dqp is not None:
@@ -158,12 +156,11 @@ class TorchPrefixAttention(torch.autograd.Function):
         elif dq is None:
             dq = torch.zeros_like(q)
         grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(q.dtype), dpv.to(q.dtype))
-        return (*grads, dprefix_mask, dseq_mask, None, None, None, None)
+        return (*grads, dprefix_bias, dseq_bias, None, None, None, None, None)
 
 
 def torch_prefix_attention(q, k, v, prefix_k, prefix_v, dims: Dims, *, causal, scale, attn_mask, attn_bias,
                            dropout_p):
     """The fused PyTorch path on validated inputs. Returns (out [B, Hq, N, D] in q.dtype, lse [B, Hq, N])."""
-    prefix_mask, seq_mask, square_causal = segment_masks(dims, causal, attn_mask, attn_bias, q.dtype, q.device)
-    return TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, prefix_mask, seq_mask, dims, square_causal,
-                                      scale, dropout_p)
+    masks = segment_masks(dims, causal, attn_mask, attn_bias, q.device)
+    return TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, *masks, dims, scale, dropout_p)

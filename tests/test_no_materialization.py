@@ -51,3 +51,15 @@ def test_detector_catches_materialization(attention, rule):
     """The check above can fail: a path that concatenates, or copies the shared prefix per row, is caught."""
     bad = run_recorded(Case(**CASE, shared=True), attention)
     assert any(rule in b for b in bad), bad
+
+
+def test_position_bias_is_not_copied_per_row():
+    """A T5-style bias [1, H, N, P + S] with a padding mask [B, 1, 1, S]: the sequence part of the bias is
+    never combined with the mask into a [B, H, N, S] tensor (CPU flash engine, row by row)."""
+    case = Case(**CASE, mask="rows", bias="heads")
+    inp = make_inputs(case)
+    with AllocationRecorder() as rec:
+        out = fused(*inp.tensors, **inp.options)
+        out.backward(torch.randn_like(out))
+    per_row = [(op, shape) for op, shape, _ in rec.produced if shape == (case.B, case.Hq, case.N, case.S)]
+    assert per_row == []

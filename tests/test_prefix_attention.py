@@ -22,6 +22,7 @@ FEATURES = {
     "causal": {"causal": True},
     "padmask": {"mask": "rows"},
     "t5bias": {"bias": "heads"},
+    "t5padded": {"mask": "rows", "bias": "heads"},
     "biasgrad": {"bias": "1d", "bias_grad": True},
     "all": {"causal": True, "mask": "full", "bias": "rows", "bias_grad": True},
 }
