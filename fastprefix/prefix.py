@@ -1,0 +1,107 @@
+"""`Prefix`: the keys and values a model attends to before its sequence, one pair per attention layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_LAYOUT = "[Hkv, P, D] (shared by every row) or [B, Hkv, P, D] (one per row)"
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+class Prefix:
+    """Prefix keys and values for every attention layer of a model.
+
+    `keys[i]` and `values[i]` are what layer i attends to before the sequence: [Hkv, P, D] shared by every
+    row of a batch (stored once, never copied per row), or [B, Hkv, P, D] one per row. Keys are stored as
+    the layer would see them after its rotary embedding (what PEFT's prefix tuning stores and what a
+    prompt's KV cache holds): patched models rotate only sequence keys, and place the sequence at positions
+    P, P + 1, ...
+
+    All layers must share one shape, dtype and device. Tensors are kept as given (views included), so a
+    prefix computed by a module keeps its autograd graph.
+    """
+
+    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
+        for name, seq in (("keys", keys), ("values", values)):
+            if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
+                raise TypeError(
+                    f"Prefix: `{name}` must be a list with one tensor per attention layer, got "
+                    f"{type(seq).__name__}. For a single layer write Prefix([k], [v])."
+                )
+            if len(seq) == 0:
+                raise ValueError(f"Prefix: `{name}` is empty; give one tensor per attention layer.")
+            for i, t in enumerate(seq):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"Prefix: `{name}[{i}]` must be a torch.Tensor, got {type(t).__name__}.")
+        if len(keys) != len(values):
+            raise ValueError(
+                f"Prefix: got {len(keys)} key tensors and {len(values)} value tensors; give one of each per layer."
+            )
+        first = keys[0]
+        if first.dim() not in (3, 4):
+            raise ValueError(f"Prefix: `keys[0]` must be {_LAYOUT}, got shape {_shape(first)}.")
+        if not first.is_floating_point():
+            raise TypeError(f"Prefix: `keys[0]` must be a floating-point tensor, got {first.dtype}.")
+        for name, seq in (("keys", keys), ("values", values)):
+            for i, t in enumerate(seq):
+                if t.shape != first.shape:
+                    raise ValueError(
+                        f"Prefix: `{name}[{i}]` has shape {_shape(t)} but `keys[0]` has {_shape(first)}; every "
+                        f"layer's keys and values must share one shape {_LAYOUT}."
+                    )
+                if t.dtype != first.dtype or t.device != first.device:
+                    raise ValueError(
+                        f"Prefix: `{name}[{i}]` is {t.dtype} on {t.device} but `keys[0]` is {first.dtype} on "
+                        f"{first.device}; move every layer to one dtype and device."
+                    )
+        self.keys: tuple[torch.Tensor, ...] = tuple(keys)
+        self.values: tuple[torch.Tensor, ...] = tuple(values)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def shared(self) -> bool:
+        """True for [Hkv, P, D] tensors shared by every row of a batch."""
+        return self.keys[0].dim() == 3
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows of a per-row prefix; None when shared."""
+        return None if self.shared else self.keys[0].shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys[0].shape[-3]
+
+    @property
+    def length(self) -> int:
+        """P, the number of prefix positions."""
+        return self.keys[0].shape[-2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys[0].shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of layer i."""
+        return self.keys[i], self.values[i]
+
+    def __repr__(self) -> str:
+        rows = "shared" if self.shared else f"B={self.batch_size}"
+        return (f"Prefix(layers={self.num_layers}, Hkv={self.num_kv_heads}, P={self.length}, D={self.head_dim}, "
+                f"{rows}, {self.dtype}, {self.device})")
