@@ -1,7 +1,11 @@
 """fastprefix: attention with a shared or learned prefix, without materializing the prefix."""
 
 from .ops import prefix_attention
+from .patching import PatchHandle, patch, patched
+from .peft_interop import PeftPrefixModel, from_peft
 from .prefix import Prefix
+from .validate import PrefixConfigError, validate
 
-__all__ = ["Prefix", "prefix_attention"]
+__all__ = ["PatchHandle", "PeftPrefixModel", "Prefix", "PrefixConfigError", "from_peft", "patch", "patched",
+           "prefix_attention", "validate"]
 __version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""LLaMA and the models that share its attention (Mistral, Qwen2).
+
+Their attention module projects q, k, v, rotates q and k by the position embeddings that the base model
+computed once per forward (`model.base_model.rotary_emb`), updates the cache with the sequence keys, then
+hands q, k, v and the mask to the function that `config._attn_implementation` names in transformers'
+`AttentionInterface`. fastprefix changes two things and copies no forward:
+
+* the attention function (see `attention`) adds the layer's prefix through `prefix_attention`; the cache
+  update before it sees sequence keys only, so no cache ever holds the prefix;
+* a pre-hook on the rotary embedding shifts every position by P, so sequence tokens sit at P, P + 1, ...
+  whatever the caller passed or `generate` computed (positions from the attention mask under left
+  padding, the cache length while decoding). Prefix keys are stored already rotated, so they are not
+  touched. The positions used to build the attention mask are left alone: the mask covers sequence keys.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..ops import prefix_attention
+from . import Family, Geometry
+
+
+def geometry(model: nn.Module) -> Geometry:
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return Geometry(num_layers=config.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [layer.self_attn for layer in model.base_model.layers]
+
+
+def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, scaling, dropout=0.0,
+              is_causal=None, **kwargs):
+    """transformers' `sdpa_attention_forward`, with the layer's prefix before the sequence keys.
+
+    The mask comes from `sdpa_mask` (patching registers it for fastprefix): a bool [B, 1, N, S] over the
+    sequence keys (True = attend) carrying causality, padding and any sliding window, or None when
+    attention is plain causal. transformers' SDPA reads None as `is_causal` when N > 1 (top-left aligned,
+    which only differs from bottom-right when an empty static cache holds more slots than queries, and
+    then crops keys to N) and as no mask when N == 1; so does this function. The prefix columns are always
+    visible, as in PEFT's attention mask, whose prefix entries are ones. A sliding window therefore never
+    hides the prefix (PEFT's prefix, living in the cache, would leave the window after `window - P`
+    tokens). `kwargs` (position ids, `sliding_window`, ...) are already folded into the mask.
+    """
+    causal = False
+    if attention_mask is None:
+        causal = bool(module.is_causal if is_causal is None else is_causal) and query.shape[2] > 1
+        if causal and key.shape[2] > query.shape[2]:
+            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    elif attention_mask.dtype != torch.bool:
+        raise TypeError(
+            f"fastprefix: layer {module.layer_idx} received a {attention_mask.dtype} attention mask of shape "
+            f"{list(attention_mask.shape)}; a patched model takes a 2-D padding mask (1 = token, 0 = padding) or "
+            "a bool 4-D mask over the sequence keys (True = attend)."
+        )
+    # Under autocast the query is in the autocast dtype; the prefix follows it as the sequence keys did.
+    out = prefix_attention(query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), causal=causal,
+                           scale=scaling, attn_mask=attention_mask, dropout_p=dropout)
+    return out.transpose(1, 2), None
+
+
+def offset_positions(model: nn.Module, offset: Callable[[], int]) -> RemovableHandle:
+    """Add offset() to the position ids the rotary embedding receives (Llama and Mistral pass them by
+    keyword, Qwen2 positionally)."""
+
+    def shift(module, args, kwargs):
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = kwargs["position_ids"] + offset()
+        else:
+            args = (args[0], args[1] + offset(), *args[2:])
+        return args, kwargs
+
+    return model.base_model.rotary_emb.register_forward_pre_hook(shift, with_kwargs=True)
+
+
+FAMILY = Family(
+    name="LLaMA",
+    model_types=("llama", "mistral", "qwen2"),
+    geometry=geometry,
+    attention_modules=attention_modules,
+    attention=attention,
+    offset_positions=offset_positions,
+)
