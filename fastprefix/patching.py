@@ -29,10 +29,10 @@ ATTN_IMPLEMENTATION = "fastprefix"
 FAMILIES: tuple[Family, ...] = (llama.FAMILY,)
 REGISTRY: dict[str, Family] = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
-# Attention module -> (handle, layer index) for every patched model; read by the registered function.
+# Attention module -> (weak reference to its handle, layer index) for every patched model; read by the
+# registered function. Only the model keeps its handle alive (through the position hook), so a patched
+# model that is dropped without unpatching is freed like any other.
 _PATCHED_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# Base model -> handle, to refuse patching one model twice (also through a wrapper sharing its base).
-_PATCHED_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def supported_families() -> str:
@@ -91,8 +91,7 @@ class PatchHandle:
         self._modules = family.attention_modules(model)
         self._hook = family.offset_positions(model, lambda: self._prefix.length)
         for i, module in enumerate(self._modules):
-            _PATCHED_MODULES[module] = (self, i)
-        _PATCHED_MODELS[model.base_model] = self
+            _PATCHED_MODULES[module] = (weakref.ref(self), i)
         model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.active = True
 
@@ -113,7 +112,6 @@ class PatchHandle:
         self._hook.remove()
         for module in self._modules:
             del _PATCHED_MODULES[module]
-        del _PATCHED_MODELS[self.model.base_model]
         self.active = False
 
     def _require_active(self, what: str) -> None:
@@ -123,14 +121,14 @@ class PatchHandle:
 
 def _fastprefix_attention(module, query, key, value, attention_mask, **kwargs):
     """The function registered as "fastprefix" in transformers' AttentionInterface."""
-    entry = _PATCHED_MODULES.get(module)
-    if entry is None:
+    ref, layer = _PATCHED_MODULES.get(module, (lambda: None, None))
+    handle = ref()
+    if handle is None:
         raise RuntimeError(
             f"fastprefix: {type(module).__name__} runs with attn_implementation={ATTN_IMPLEMENTATION!r} but is not "
             "part of a patched model (a copy of a patched model?). Patch this model with fastprefix.patch, or "
             "set its config._attn_implementation back to 'sdpa'."
         )
-    handle, layer = entry
     prefix_k, prefix_v = handle.prefix.layer(layer)
     return handle.family.attention(module, query, key, value, attention_mask, prefix_k, prefix_v, **kwargs)
 
@@ -143,7 +141,7 @@ def patch(model, prefix: Prefix) -> PatchHandle:
     sequence keys. Returns a handle; `handle.unpatch()` restores the model exactly.
     """
     family = family_of(model)
-    if model.base_model in _PATCHED_MODELS:
+    if any(module in _PATCHED_MODULES for module in family.attention_modules(model)):
         raise RuntimeError(
             f"fastprefix: {type(model).__name__} is already patched; call unpatch() on its handle first "
             "(or handle.set_prefix(prefix) to change the prefix)."

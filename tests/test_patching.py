@@ -1,5 +1,8 @@
 """`patch` / `patched` on LLaMA-family models: every registered family, positions, masks, caches, restore."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, StaticCache
@@ -116,6 +119,16 @@ def test_handle_lifecycle():
     for call in (handle.unpatch, lambda: handle.set_prefix(replacement)):
         with pytest.raises(RuntimeError, match="already unpatched"):
             call()
+
+
+def test_a_patched_model_dropped_without_unpatching_is_freed():
+    """Regression: the registry of patched modules once kept every patched model alive for good."""
+    model = tiny_model()
+    fastprefix.patch(model, random_prefix(model))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
 
 
 def test_patched_unpatches_when_the_block_raises():
