@@ -73,8 +73,9 @@ class PeftPrefixModel(nn.Module):
         base = self.peft_model.get_base_model()
         if base.training and torch.is_grad_enabled() and _reentrant_checkpointing(base):
             raise RuntimeError(
-                "fastprefix: gradient checkpointing with use_reentrant=True cannot carry gradients to the prefix, "
-                "which enters each layer from outside the checkpoint. Enable it as "
+                "fastprefix: gradient checkpointing with use_reentrant=True runs a separate backward per layer, "
+                "and each would go through the prompt encoder that computed the prefix (autograd frees it after "
+                "the first). Enable it as "
                 "model.gradient_checkpointing_enable() (non-reentrant, the transformers default) or with "
                 "gradient_checkpointing_kwargs={'use_reentrant': False}."
             )
