@@ -11,8 +11,11 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
-        "transformers>=5.0",
+        "transformers>=5.20",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "peft>=0.21"]},
+    extras_require={
+        "bench": ["peft>=0.21", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "peft>=0.21", "matplotlib"],
+    },
     entry_points={"console_scripts": ["fastprefix=fastprefix.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""The `fastprefix` command line: `info` and `check`."""
+"""The `fastprefix` command line: `bench` (the main job), `check`, `info`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import torch
 
 from .backends import BACKENDS, unavailable_reasons
+from .presets import PRESETS, ModelNotFound
 from .testing import Case, compare_to_oracle, make_inputs
 
 CHECK_CASES = [
@@ -72,19 +73,92 @@ def check(args) -> int:
     return 1 if failures else 0
 
 
+def bench(args) -> int:
+    from tqdm import tqdm
+
+    from . import bench as b
+    from .presets import load_models
+
+    s = b.Settings(model=args.model, device=str(_device(args.device)), dtype=args.dtype, batch=args.batch,
+                   prefix_len=args.prefix_len, seq_len=args.seq_len, repeats=args.repeats)
+    with tqdm(total=0, desc="building models", file=sys.stderr, leave=False) as progress:
+        workloads = [w for model in load_models(s.model) for w in b.model_workloads(model, s)]
+        workloads += [b.op_workload(batch, prefix_len, s) for batch, prefix_len in b.sweep_points(s)]
+        progress.reset(total=sum(len(w.variants) for w in workloads))
+        rows = b.measure(workloads, s, progress)
+    env = b.environment(s)
+    print(f"fastprefix bench: {env['device']}, {s.dtype}, batch {s.batch}, prefix {s.prefix_len}, sequence "
+          f"{s.seq_len}; median of {s.repeats}; commit {env['commit']}, {env['date']}")
+    print(b.format_table(rows))
+    if args.json:
+        b.write_json(args.json, rows, s)
+    if args.plot:
+        b.plot(args.plot, rows, s)
+    return 1 if any(r.matched is False and r.variant == "fastprefix" for r in rows) else 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _model_arg(text: str) -> str:
+    from pathlib import Path
+
+    if text not in PRESETS and not (Path(text) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with a config.json")
+    return text
+
+
+BENCH_EXAMPLES = """examples:
+  fastprefix bench                                   tiny random models, CPU, about 2 minutes
+  fastprefix bench --json out.json --plot out.png    also machine-readable results and a figure
+  fastprefix bench --model smollm2 --batch 8         the real SmolLM2-135M-Instruct
+  fastprefix bench --device cuda --dtype bfloat16 --batch 16 --prefix-len 128"""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastprefix", description="Attention with a prefix, never materialized.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    formatter = argparse.RawDescriptionHelpFormatter
+    bench_help = "prefix tuning via fastprefix vs PEFT vs no prefix, and an attention sweep: one table"
+    sub = commands.add_parser("bench", help=bench_help, description=bench_help, epilog=BENCH_EXAMPLES,
+                              formatter_class=formatter)
+    sub.add_argument("--model", type=_model_arg, default="tiny",
+                     help=f"a preset ({', '.join(PRESETS)}) or a local transformers model directory (default: tiny)")
+    sub.add_argument("--device", type=_device_arg, help="torch device (default: cuda if available, else cpu)")
+    sub.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    sub.add_argument("--batch", type=_positive, default=4, help="rows per batch (default: 4)")
+    sub.add_argument("--prefix-len", type=_positive, default=20, help="prefix tokens P (default: 20)")
+    sub.add_argument("--seq-len", type=_positive, default=128, help="tokens per row (default: 128)")
+    sub.add_argument("--repeats", type=_positive, default=5, help="timed runs per variant; the median is shown")
+    sub.add_argument("--json", metavar="PATH", help="also write the results and the environment as JSON")
+    sub.add_argument("--plot", metavar="PATH.png", help="also plot time and memory vs prefix length and batch size")
+    sub.set_defaults(run=bench)
     for name, fn, help_text, example in (
-        ("info", info, "versions, device, and which backends are usable here (and why not)", "fastprefix info"),
         ("check", check, "every usable backend vs the float64 oracle on random inputs; exit 1 on a mismatch",
          "fastprefix check --device cuda"),
+        ("info", info, "versions, device, and which backends are usable here (and why not)", "fastprefix info"),
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=f"example: {example}")
         sub.add_argument("--device", type=_device_arg, help="torch device (default: cuda if available, else cpu)")
         sub.set_defaults(run=fn)
     args = parser.parse_args(argv)
-    return args.run(args)
+    if getattr(args, "plot", None):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib")
+    try:
+        return args.run(args)
+    except ModelNotFound as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

