@@ -3,7 +3,12 @@
 Run: pytest bench/test_op_bench.py --benchmark-only [--benchmark-json=out.json]
 Shape of issue 2: B=8, H=16, N=S=512, D=64, P=64, float32, CPU. Peak memory (MiB allocated during one call,
 see fastprefix.profiling) goes into each benchmark's extra_info.
+
+Timing: one thread and the process's CPU time (`time.process_time`), as in test_llama_bench.py, so that other
+jobs on a shared machine cannot stretch the figures.
 """
+
+import time
 
 import pytest
 import torch
@@ -31,6 +36,15 @@ def no_prefix(q, k, v, prefix_k, prefix_v):
 
 
 PROVIDERS = {"fastprefix": fused, "concat_sdpa": concat_sdpa, "no_prefix": no_prefix}
+pytestmark = pytest.mark.benchmark(timer=time.process_time)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
