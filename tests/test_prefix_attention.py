@@ -21,8 +21,8 @@ FEATURES = {
     "plain": {},
     "causal": {"causal": True},
     "padmask": {"mask": "rows"},
-    "t5bias": {"bias": "heads"},
-    "t5padded": {"mask": "rows", "bias": "heads"},
+    "t5bias": {"bias": "heads", "scale": 1.0},
+    "t5padded": {"mask": "rows", "bias": "heads", "scale": 1.0},
     "biasgrad": {"bias": "1d", "bias_grad": True},
     "all": {"causal": True, "mask": "full", "bias": "rows", "bias_grad": True},
 }
