@@ -7,7 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastprefix", "fastprefix.models"],
+    packages=["fastprefix", "fastprefix.models", "fastprefix.kernels"],
+    package_dir={"fastprefix.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -8,6 +8,7 @@ from .backends import resolve_backend
 from .checks import check_inputs
 from .reference import reference_attention
 from .torch_path import torch_prefix_attention
+from .triton_path import input_reasons, triton_prefix_attention
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, attn_mask=None, attn_bias=None,
@@ -44,12 +45,14 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, a
     if not isinstance(backend, str):
         raise TypeError(f"prefix_attention: `backend` must be a str, got {type(backend).__name__}.")
     dims, scale = check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, scale)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, input_reasons(dims, q.dtype))
     options = dict(causal=causal, scale=scale, attn_mask=attn_mask, attn_bias=attn_bias, dropout_p=dropout_p)
     if name == "reference":
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out, lse = reference_attention(q, k, v, prefix_k, prefix_v, compute_dtype=compute_dtype, **options)
         out = out.to(q.dtype)
+    elif name == "triton":
+        out, lse = triton_prefix_attention(q, k, v, prefix_k, prefix_v, dims, **options)
     else:
         out, lse = torch_prefix_attention(q, k, v, prefix_k, prefix_v, dims, **options)
     return (out, lse.float()) if return_lse else out

@@ -14,6 +14,10 @@ def good():
                 prefix_k=torch.randn(HKV, P, D), prefix_v=torch.randn(HKV, P, D))
 
 
+def good_in(dtype, head_dim=D):
+    return {name: t.new_empty(*t.shape[:-1], head_dim).normal_().to(dtype) for name, t in good().items()}
+
+
 def call(**changes):
     args = good()
     args.update(changes)
@@ -65,7 +69,10 @@ CASES = [
     ("scale_nan", dict(scale=float("nan")), ValueError, ["`scale`", "nan"]),
     ("causal_not_bool", dict(causal=1), TypeError, ["`causal`", "bool", "int"]),
     ("unknown_backend", dict(backend="flash"), ValueError, ["backend", "'flash'", "'torch'", "'reference'"]),
-    ("triton_not_yet", dict(backend="triton"), NotImplementedError, ["triton", "backend='torch'"]),
+    ("triton_float64", dict(good_in(torch.float64), backend="triton"), ValueError,
+     ["'triton'", "`q`", "torch.float64", "backend='torch'"]),
+    ("triton_head_dim", dict(good_in(torch.float32, head_dim=264), backend="triton"), ValueError,
+     ["'triton'", "head dim D = 264", "D <= 256", "backend='torch'"]),
 ]
 
 
@@ -97,3 +104,15 @@ def test_checks_run_before_compute(monkeypatch):
     monkeypatch.setattr(ops, "torch_prefix_attention", lambda *a, **kw: pytest.fail("computed before checking"))
     with pytest.raises(ValueError):
         call(attn_mask=torch.ones(3, 1, 1, S, dtype=torch.bool))
+
+
+def test_triton_on_cpu_without_the_interpreter(monkeypatch):
+    """Triton's interpreter is fixed when fastprefix.kernels is imported; without it, CPU tensors are
+    refused with the way out."""
+    from fastprefix import kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    with pytest.raises(RuntimeError) as info:
+        call(backend="triton")
+    for fragment in ("'triton'", "TRITON_INTERPRET=1", "backend='torch'"):
+        assert fragment in str(info.value)

@@ -11,16 +11,26 @@ from fastprefix import presets
 from fastprefix.presets import SMOLLM2_INSTALL
 
 
-def test_info_names_usable_backends_and_why_not(capsys):
+def _backend_lines(capsys):
     assert cli.main(["info"]) == 0
-    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    return {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+
+
+def test_info_names_usable_backends_and_why_not(capsys, monkeypatch):
+    lines = _backend_lines(capsys)
     assert lines["torch"].split()[1] == "usable" and lines["reference"].split()[1] == "usable"
-    assert "unusable:" in lines["triton"]
+    assert lines["triton"].split()[1] == "usable"  # CPU tensors, through the interpreter (tests/conftest.py)
+    from fastprefix import kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    line = _backend_lines(capsys)["triton"]
+    assert "unusable:" in line and "TRITON_INTERPRET=1" in line
 
 
 def test_check_passes_here(capsys):
     assert cli.main(["check"]) == 0
-    assert "12/12 checks passed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "24/24 checks passed" in out and "backends checked: triton, torch" in out
 
 
 def test_check_fails_on_a_broken_backend(monkeypatch, capsys):
