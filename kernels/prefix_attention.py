@@ -89,14 +89,20 @@ def _logits(qk, qi, kj, n_q, n_keys, shift, scale_log2, bias_ptrs, mask_ptrs,
 
 
 @triton.jit
-def _keep(seed, offsets, dropout_p):
-    """Dropout keep decisions, a pure function of (seed, element offset): P(keep) = 1 - dropout_p."""
-    return tl.rand(seed, offsets) >= dropout_p
+def _keep(seed, rows, cols, dropout_p):
+    """Dropout keep decisions, P(keep) = 1 - dropout_p, for query rows `rows` (int64 b * Hq * N + h * N + i)
+    and key columns `cols` (0 .. P + S), broadcast against each other. Philox keyed by the seed with the
+    counter (column, row low word, row high word, 0): a decision depends on (seed, row, column) alone, so
+    every kernel regenerates the forward's mask in any tile orientation."""
+    c0, c1 = tl.broadcast(cols.to(tl.uint32), rows.to(tl.uint32))
+    c2 = tl.broadcast_to((rows >> 32).to(tl.uint32), c0.shape)
+    bits, _, _, _ = tl.philox(seed, c0, c1, c2, tl.zeros_like(c0))
+    return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
 @triton.jit
 def _grad_scores(qk, dp, lse2, delta, qi, kj, n_q, n_keys, shift, scale_log2, bias_ptrs, mask_ptrs,
-                 seed, drop_offsets, dropout_p,
+                 seed, drop_rows, drop_cols, dropout_p,
                  BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                  DROPOUT: tl.constexpr):
     """From q.k and dO.v of a tile: (probabilities after dropout, dScores).
@@ -110,7 +116,7 @@ def _grad_scores(qk, dp, lse2, delta, qi, kj, n_q, n_keys, shift, scale_log2, bi
     p = tl.math.exp2(s - lse2)
     kept = p
     if DROPOUT:
-        keep = _keep(seed, drop_offsets, dropout_p)
+        keep = _keep(seed, drop_rows, drop_cols, dropout_p)
         kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     return kept, p * (dp - delta)
@@ -123,7 +129,7 @@ def _grad_scores(qk, dp, lse2, delta, qi, kj, n_q, n_keys, shift, scale_log2, bi
 
 @triton.jit
 def _fwd_stage(acc, l_i, m_i, q, k_base, v_base, skn, svn, k_tile, v_tile, lo, hi, n_keys, offs_n, d_ok,
-               qi, n_q, shift, scale_log2, bias_rows, sbc, mask_rows, sms, seed, drop_rows, dropout_p,
+               qi, n_q, shift, scale_log2, bias_rows, sbc, mask_rows, sms, seed, drop_rows, col0, dropout_p,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, CHECK_D: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -143,7 +149,7 @@ def _fwd_stage(acc, l_i, m_i, q, k_base, v_base, skn, svn, k_tile, v_tile, lo, h
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_keep(seed, drop_rows + kj, dropout_p), p / (1.0 - dropout_p), 0.0)
+            p = tl.where(_keep(seed, drop_rows, col0 + kj, dropout_p), p / (1.0 - dropout_p), 0.0)
         v = _load_rows(v_base + start64 * svn + v_tile, cols < n_keys, d_ok, BOUNDS, CHECK_D)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
         m_i = m_new
@@ -181,13 +187,13 @@ def _fwd_kernel(Q, K, V, PK, PV, BIAS, MASK, OUT, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     bias_rows = BIAS + b * sbb + h * sbh + qi64 * sbn
     mask_rows = MASK + b * smb + h * smh + qi64 * smn
-    drop_rows = (bh.to(tl.int64) * N + qi64) * (P + S)
+    drop_rows = bh.to(tl.int64) * N + qi64
     shift = S - N
 
     acc, l_i, m_i = _fwd_stage(
         acc, l_i, m_i, q, PK + b * spkb + hkv * spkh, PV + b * spvb + hkv * spvh, spkn, spvn,
         offs_n[:, None] * spkn + offs_d[None, :] * spkd, offs_n[:, None] * spvn + offs_d[None, :] * spvd,
-        0, P, P, offs_n, d_ok, qi, N, shift, scale_log2, bias_rows, sbc, mask_rows, sms, seed, drop_rows,
+        0, P, P, offs_n, d_ok, qi, N, shift, scale_log2, bias_rows, sbc, mask_rows, sms, seed, drop_rows, 0,
         dropout_p, BLOCK_M, BLOCK_N, True, False, HAS_BIAS, False, DROPOUT, BLOCK_D != HEAD_DIM, UPCAST,
         PRECISION)
 
@@ -203,11 +209,11 @@ def _fwd_kernel(Q, K, V, PK, PV, BIAS, MASK, OUT, LSE,
     v_tile = offs_n[:, None] * svn + offs_d[None, :] * svd
     acc, l_i, m_i = _fwd_stage(
         acc, l_i, m_i, q, k_base, v_base, skn, svn, k_tile, v_tile, 0, full_hi, S, offs_n, d_ok, qi, N, shift,
-        scale_log2, bias_rows + P * sbc, sbc, mask_rows, sms, seed, drop_rows + P, dropout_p,
+        scale_log2, bias_rows + P * sbc, sbc, mask_rows, sms, seed, drop_rows, P, dropout_p,
         BLOCK_M, BLOCK_N, False, False, HAS_BIAS, HAS_MASK, DROPOUT, BLOCK_D != HEAD_DIM, UPCAST, PRECISION)
     acc, l_i, m_i = _fwd_stage(
         acc, l_i, m_i, q, k_base, v_base, skn, svn, k_tile, v_tile, full_hi, hi, S, offs_n, d_ok, qi, N, shift,
-        scale_log2, bias_rows + P * sbc, sbc, mask_rows, sms, seed, drop_rows + P, dropout_p,
+        scale_log2, bias_rows + P * sbc, sbc, mask_rows, sms, seed, drop_rows, P, dropout_p,
         BLOCK_M, BLOCK_N, True, CAUSAL, HAS_BIAS, HAS_MASK, DROPOUT, BLOCK_D != HEAD_DIM, UPCAST, PRECISION)
 
     seen = l_i > 0.0
@@ -251,7 +257,7 @@ def _bwd_preprocess_kernel(OUT, DO, LSE, DELTA, LSE2, sob, soh, son, sod, sdb, s
 
 @triton.jit
 def _dq_stage(dq, q, do, lse2, delta, k_base, v_base, skn, svn, k_tile, v_tile, lo, hi, n_keys, offs_n, d_ok,
-              qi, n_q, shift, scale_log2, bias_rows, sbc, mask_rows, sms, seed, drop_rows, dropout_p,
+              qi, n_q, shift, scale_log2, bias_rows, sbc, mask_rows, sms, seed, drop_rows, col0, dropout_p,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, CHECK_D: tl.constexpr,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -266,7 +272,7 @@ def _dq_stage(dq, q, do, lse2, delta, k_base, v_base, skn, svn, k_tile, v_tile, 
         qk = _dot(q, tl.trans(k), zero, UPCAST, PRECISION)
         dp = _dot(do, tl.trans(v), zero, UPCAST, PRECISION)
         _, ds = _grad_scores(qk, dp, lse2[:, None], delta[:, None], qi, kj, n_q, n_keys, shift, scale_log2,
-                             bias_rows + kj * sbc, mask_rows + kj * sms, seed, drop_rows + kj, dropout_p,
+                             bias_rows + kj * sbc, mask_rows + kj * sms, seed, drop_rows, col0 + kj, dropout_p,
                              BOUNDS, CAUSAL, HAS_BIAS, HAS_MASK, DROPOUT)
         dq = _dot(ds.to(k.dtype), k, dq, UPCAST, PRECISION)
     return dq
@@ -306,13 +312,13 @@ def _dq_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DQ,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bias_rows = BIAS + b * sbb + h * sbh + qi64 * sbn
     mask_rows = MASK + b * smb + h * smh + qi64 * smn
-    drop_rows = (bh.to(tl.int64) * N + qi64) * (P + S)
+    drop_rows = bh.to(tl.int64) * N + qi64
     shift = S - N
 
     dq = _dq_stage(
         dq, q, do, lse2, delta, PK + b * spkb + hkv * spkh, PV + b * spvb + hkv * spvh, spkn, spvn,
         offs_n[:, None] * spkn + offs_d[None, :] * spkd, offs_n[:, None] * spvn + offs_d[None, :] * spvd,
-        0, P, P, offs_n, d_ok, qi, N, shift, scale_log2, bias_rows, sbc, mask_rows, sms, seed, drop_rows,
+        0, P, P, offs_n, d_ok, qi, N, shift, scale_log2, bias_rows, sbc, mask_rows, sms, seed, drop_rows, 0,
         dropout_p, BLOCK_M, BLOCK_N, True, False, HAS_BIAS, False, DROPOUT, BLOCK_D != HEAD_DIM, UPCAST,
         PRECISION)
 
@@ -327,11 +333,11 @@ def _dq_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DQ,
     v_tile = offs_n[:, None] * svn + offs_d[None, :] * svd
     dq = _dq_stage(
         dq, q, do, lse2, delta, k_base, v_base, skn, svn, k_tile, v_tile, 0, full_hi, S, offs_n, d_ok, qi, N,
-        shift, scale_log2, bias_rows + P * sbc, sbc, mask_rows, sms, seed, drop_rows + P, dropout_p,
+        shift, scale_log2, bias_rows + P * sbc, sbc, mask_rows, sms, seed, drop_rows, P, dropout_p,
         BLOCK_M, BLOCK_N, False, False, HAS_BIAS, HAS_MASK, DROPOUT, BLOCK_D != HEAD_DIM, UPCAST, PRECISION)
     dq = _dq_stage(
         dq, q, do, lse2, delta, k_base, v_base, skn, svn, k_tile, v_tile, full_hi, hi, S, offs_n, d_ok, qi, N,
-        shift, scale_log2, bias_rows + P * sbc, sbc, mask_rows, sms, seed, drop_rows + P, dropout_p,
+        shift, scale_log2, bias_rows + P * sbc, sbc, mask_rows, sms, seed, drop_rows, P, dropout_p,
         BLOCK_M, BLOCK_N, True, CAUSAL, HAS_BIAS, HAS_MASK, DROPOUT, BLOCK_D != HEAD_DIM, UPCAST, PRECISION)
 
     dq_ptrs = DQ + b * sdqb + h * sdqh + qi64 * sdqn + offs_d[None, :] * sdqd
@@ -340,8 +346,8 @@ def _dq_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DQ,
 
 @triton.jit
 def _dkdv_stage(dk, dv, k, v, q_base, do_base, sqn, sdon, q_tile, do_tile, lse2_base, delta_base, lo, hi, n_q,
-                offs_m, d_ok, kj, n_keys, shift, scale_log2, bias_cols, sbn, mask_cols, smn, seed, drop_base,
-                drop_cols, n_cols, dropout_p,
+                offs_m, d_ok, kj, n_keys, shift, scale_log2, bias_cols, sbn, mask_cols, smn, seed, row0,
+                drop_cols, dropout_p,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, CHECK_D: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr):
@@ -363,8 +369,8 @@ def _dkdv_stage(dk, dv, k, v, q_base, do_base, sqn, sdon, q_tile, do_tile, lse2_
         qk = _dot(k, tl.trans(q), zero, UPCAST, PRECISION)
         dp = _dot(v, tl.trans(do), zero, UPCAST, PRECISION)
         kept, ds = _grad_scores(qk, dp, lse2[None, :], delta[None, :], qi, kj, n_q, n_keys, shift, scale_log2,
-                                bias_cols + qi64 * sbn, mask_cols + qi64 * smn, seed,
-                                (drop_base + qi64) * n_cols + drop_cols, dropout_p,
+                                bias_cols + qi64 * sbn, mask_cols + qi64 * smn, seed, row0 + qi64, drop_cols,
+                                dropout_p,
                                 False, CAUSAL, HAS_BIAS, HAS_MASK, DROPOUT)
         dv = _dot(kept.to(do.dtype), do, dv, UPCAST, PRECISION)
         dk = _dot(ds.to(q.dtype), q, dk, UPCAST, PRECISION)
@@ -376,7 +382,7 @@ def _dkdv_kernel(Q, K, V, BIAS, MASK, DO, LSE2, DELTA, DK, DV,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sbb, sbh, sbn, sbc, smb, smh, smn, sms, sdob, sdoh, sdon, sdod,
                  sdkc, sdkh, sdkn, sdkd, sdvc, sdvh, sdvn, sdvd,
-                 Hq, G, N, n_keys, col0, n_cols, shift, pairs, per_chunk, scale, scale_log2, dropout_p, seed,
+                 Hq, G, N, n_keys, col0, shift, pairs, per_chunk, scale, scale_log2, dropout_p, seed,
                  TUNE_Q, TUNE_KV,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
@@ -428,17 +434,11 @@ def _dkdv_kernel(Q, K, V, BIAS, MASK, DO, LSE2, DELTA, DK, DV,
         do_base = DO + b * sdob + h * sdoh
         bias_cols = BIAS + b * sbb + h * sbh + (col0 + kj64) * sbc
         mask_cols = MASK + b * smb + h * smh + kj64 * sms
-        if CAUSAL:
-            dk, dv = _dkdv_stage(
-                dk, dv, k, v, q_base, do_base, sqn, sdon, q_tile, do_tile, LSE2 + bh * N, DELTA + bh * N,
-                m_lo, tl.minimum(m_full, N), N, offs_m, d_ok, kj, n_keys, shift, scale_log2, bias_cols, sbn,
-                mask_cols, smn, seed, bh * N, col0 + kj, n_cols, dropout_p,
-                BLOCK_M, BLOCK_N, True, HAS_BIAS, HAS_MASK, DROPOUT, BLOCK_D != HEAD_DIM, UPCAST, PRECISION)
         dk, dv = _dkdv_stage(
             dk, dv, k, v, q_base, do_base, sqn, sdon, q_tile, do_tile, LSE2 + bh * N, DELTA + bh * N,
-            m_full, N, N, offs_m, d_ok, kj, n_keys, shift, scale_log2, bias_cols, sbn,
-            mask_cols, smn, seed, bh * N, col0 + kj, n_cols, dropout_p,
-            BLOCK_M, BLOCK_N, False, HAS_BIAS, HAS_MASK, DROPOUT, BLOCK_D != HEAD_DIM, UPCAST, PRECISION)
+            m_lo, N, N, offs_m, d_ok, kj, n_keys, shift, scale_log2, bias_cols, sbn,
+            mask_cols, smn, seed, bh * N, col0 + kj, dropout_p,
+            BLOCK_M, BLOCK_N, CAUSAL, HAS_BIAS, HAS_MASK, DROPOUT, BLOCK_D != HEAD_DIM, UPCAST, PRECISION)
 
     chunk64 = tl.cast(chunk, tl.int64)
     out_mask = keys_ok[:, None] & d_ok[None, :]
@@ -452,7 +452,7 @@ def _dkdv_kernel(Q, K, V, BIAS, MASK, DO, LSE2, DELTA, DK, DV,
 def _dbias_block(Q, DO, LSE2, DELTA, K, V, BIAS, MASK,
                  sqb, sqh, sqn, sqd, sdob, sdoh, sdon, sdod, skb, skh, skn, skd, svb, svh, svn, svd,
                  sbb, sbh, sbn, sbc, smb, smh, smn, sms,
-                 start, n_keys, col0, n_cols, bb, hb, r, u_lo, u_hi, units_h, units_m, Hq, G, N, shift,
+                 start, n_keys, col0, bb, hb, r, u_lo, u_hi, units_h, units_m, Hq, G, N, shift,
                  scale_log2, seed, dropout_p,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -495,8 +495,8 @@ def _dbias_block(Q, DO, LSE2, DELTA, K, V, BIAS, MASK,
         dp = _dot(do, tl.trans(v), zero, UPCAST, PRECISION)
         _, ds = _grad_scores(qk, dp, lse2[:, None], delta[:, None], qi, kj, N, n_keys, shift, scale_log2,
                              BIAS + b * sbb + h * sbh + qi64 * sbn + (col0 + kj64) * sbc,
-                             MASK + b * smb + h * smh + qi64 * smn + kj64 * sms, seed,
-                             (bh * N + qi64) * n_cols + col0 + kj, dropout_p,
+                             MASK + b * smb + h * smh + qi64 * smn + kj64 * sms, seed, bh * N + qi64, col0 + kj,
+                             dropout_p,
                              True, CAUSAL, True, HAS_MASK, DROPOUT)
         acc += ds
     return acc
@@ -538,7 +538,7 @@ def _dbias_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DB,
         ds = _dbias_block(Q, DO, LSE2, DELTA, PK, PV, BIAS, MASK,
                           sqb, sqh, sqn, sqd, sdob, sdoh, sdon, sdod, spkb, spkh, spkn, spkd,
                           spvb, spvh, spvn, spvd, sbb, sbh, sbn, sbc, smb, smh, smn, sms,
-                          start, P, 0, P + S, bb, hb, r, u_lo, u_hi, units_h, units_m, Hq, G, N, shift,
+                          start, P, 0, bb, hb, r, u_lo, u_hi, units_h, units_m, Hq, G, N, shift,
                           scale_log2, seed, dropout_p,
                           HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, False, DROPOUT, UPCAST, PRECISION)
         if SUM_COLS:
@@ -550,7 +550,7 @@ def _dbias_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DB,
         ds = _dbias_block(Q, DO, LSE2, DELTA, K, V, BIAS, MASK,
                           sqb, sqh, sqn, sqd, sdob, sdoh, sdon, sdod, skb, skh, skn, skd,
                           svb, svh, svn, svd, sbb, sbh, sbn, sbc, smb, smh, smn, sms,
-                          start, S, P, P + S, bb, hb, r, u_lo, u_hi, units_h, units_m, Hq, G, N, shift,
+                          start, S, P, bb, hb, r, u_lo, u_hi, units_h, units_m, Hq, G, N, shift,
                           scale_log2, seed, dropout_p,
                           HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, DROPOUT, UPCAST, PRECISION)
         if SUM_COLS:
@@ -567,53 +567,106 @@ def _dbias_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DB,
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------
 
-_TUNE_KEY = ["TUNE_Q", "TUNE_KV", "HEAD_DIM", "CAUSAL", "DROPOUT"]
+_TUNE_KEY = ["TUNE_Q", "TUNE_KV", "HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_BIAS", "DROPOUT"]
 _INTERPRETER_BLOCK = 16
 # Programs a partially reduced gradient aims for under the interpreter (no SMs to fill); a few, so that
 # the chunked reduction runs in CPU tests too.
 _INTERPRETER_PROGRAMS = 8
 
 
+def _always(arch, block_d, features):
+    return True
+
+
+# Autotune candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages) -> where the config compiles without
+# spilling registers, as a predicate of (compute capability as 80/90, BLOCK_D, features in use among
+# {"mask", "bias", "dropout"}). Calibrated with `python -m fastprefix.kernels.report` (sm_80 and sm_90,
+# D = 64 and 128, fp16 and bf16; the BLOCK_D = 256 conditions from a one-off run of the same report at
+# D = 256). The pruner also drops configs whose fp32 accumulators exceed 64 registers per thread. In the
+# dK/dV kernel BLOCK_N is the keys of a program, BLOCK_M the queries per step.
+FWD_CANDIDATES = {
+    (128, 64, 8, 3): lambda arch, block_d, features: not features and (arch >= 90 or block_d <= 64),
+    (128, 32, 8, 3): _always,
+    (64, 64, 8, 3): lambda arch, block_d, features: block_d <= 128,
+    (16, 64, 4, 3): _always,
+}
+DQ_CANDIDATES = {
+    (128, 32, 8, 2): lambda arch, block_d, features: arch >= 90 or len(features) < 3,
+    (64, 32, 8, 2): lambda arch, block_d, features: block_d <= 128 or arch < 90,
+    (16, 32, 4, 2): _always,
+}
+DKDV_CANDIDATES = {
+    (32, 64, 8, 2): lambda arch, block_d, features: not {"bias", "dropout"} <= features,
+    (16, 64, 8, 2): lambda arch, block_d, features: not {"bias", "dropout"} <= features or arch < 90 or block_d <= 64,
+    (16, 32, 4, 2): _always,
+    # Only where four warps cannot hold the accumulators (BLOCK_D = 256); not covered by the report.
+    (16, 32, 8, 2): lambda arch, block_d, features: block_d > 128,
+}
+# The dBias kernel (gradient of a broadcast bias; not tuned): BLOCK_M, BLOCK_N, num_warps, num_stages.
+DBIAS_LAUNCH = (_INTERPRETER_BLOCK, _INTERPRETER_BLOCK, 4, 1) if INTERPRETED else (64, 32, 8, 2)
+
+
+def config_fits(candidates, acc_tile, accumulators, config, *, arch, n_q, n_kv, block_d, features) -> bool:
+    """Whether the launcher may use `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) of `candidates`:
+    its query block fits the queries (BLOCK_M = 16 only for N <= 16, decoding, unless the kernel steps over
+    queries), its key block the keys, its fp32 accumulators (`accumulators` tiles of `acc_tile` rows x
+    BLOCK_D) 64 registers per thread, and it is spill-free for this arch, BLOCK_D and feature set."""
+    m, n, warps, _ = config
+    rows = m if acc_tile == "BLOCK_M" else n
+    decode_only = acc_tile == "BLOCK_M" and m == 16
+    return (m <= max(16, n_q) and (not decode_only or n_q <= 16) and n <= max(16, n_kv)
+            and accumulators * rows * block_d <= 64 * 32 * warps
+            and candidates[config](arch, block_d, features))
+
+
+def _features(kwargs) -> frozenset:
+    return frozenset(name for name, flag in (("mask", "HAS_MASK"), ("bias", "HAS_BIAS"), ("dropout", "DROPOUT"))
+                     if kwargs[flag])
+
+
+def _pruner(candidates, acc_tile, accumulators):
+    """early_config_prune for Triton's autotuner over `candidates` (see `config_fits`)."""
+
+    def prune(configs, named_args, **kwargs):
+        major, minor = torch.cuda.get_device_capability(named_args["Q"].device)
+        fits = [c for c in configs if config_fits(
+            candidates, acc_tile, accumulators, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages),
+            arch=10 * major + minor, n_q=kwargs["TUNE_Q"], n_kv=kwargs["TUNE_KV"], block_d=kwargs["BLOCK_D"],
+            features=_features(kwargs))]
+        return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
 def _configs(candidates):
-    """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); a single small one in the interpreter
-    (no timing there, and every extra config would be a slow extra run)."""
+    """Autotune configs; a single small one in the interpreter (no timing there, and every extra config
+    would be a slow extra run)."""
     if INTERPRETED:
         return [triton.Config({"BLOCK_M": _INTERPRETER_BLOCK, "BLOCK_N": _INTERPRETER_BLOCK})]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
 
 
-def _pruner(acc_tile, regs_per_thread):
-    """An early_config_prune: drop configs whose query block exceeds the queries (BLOCK_M = 16 is kept only
-    for N <= 16, decoding), whose key block exceeds the keys, or whose fp32 accumulators would need more
-    than `regs_per_thread` registers per thread. `acc_tile` names the block of the accumulator rows."""
-
-    def prune(configs, named_args, **kwargs):
-        n_q, n_kv, block_d = kwargs["TUNE_Q"], kwargs["TUNE_KV"], kwargs["BLOCK_D"]
-
-        def fits(c):
-            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            rows = c.kwargs[acc_tile]
-            return ((m <= max(16, n_q) and (m > 16 or n_q <= 16)) and n <= max(16, n_kv)
-                    and rows * block_d <= regs_per_thread * 32 * c.num_warps)
-
-        kept = [c for c in configs if fits(c)]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-    return prune
+TUNED = {  # name: (kernel, candidates, accumulator rows, number of [rows, BLOCK_D] fp32 accumulators)
+    "fwd": (_fwd_kernel, FWD_CANDIDATES, "BLOCK_M", 1),
+    "dq": (_dq_kernel, DQ_CANDIDATES, "BLOCK_M", 1),
+    "dkdv": (_dkdv_kernel, DKDV_CANDIDATES, "BLOCK_N", 2),
+}
+_DKDV_MAX_BLOCK_N = max(n for _, n, _, _ in DKDV_CANDIDATES)
 
 
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 8, 2), (16, 64, 4, 3)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2), (16, 64, 4, 2)])
-_DKDV_CONFIGS = _configs([(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (16, 32, 4, 2)])
-_DKDV_MAX_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in _DKDV_CONFIGS)
-_DBIAS_BLOCK = _INTERPRETER_BLOCK if INTERPRETED else 64
+def _autotuned(name):
+    kernel, candidates, acc_tile, accumulators = TUNED[name]
+    prune = _pruner(candidates, acc_tile, accumulators)
+    return triton.autotune(_configs(candidates), key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(
+        kernel)
 
-_fwd = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY,
-                       prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 64)})(_fwd_kernel)
-_dq = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY,
-                      prune_configs_by={"early_config_prune": _pruner("BLOCK_M", 64)})(_dq_kernel)
-_dkdv = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY,
-                        prune_configs_by={"early_config_prune": _pruner("BLOCK_N", 64)})(_dkdv_kernel)
+
+_fwd, _dq, _dkdv = _autotuned("fwd"), _autotuned("dq"), _autotuned("dkdv")
+
+
+def preprocess_block(block_d: int) -> int:
+    """Query rows per program of the backward preprocess (a memory-bound row reduction)."""
+    return max(16, 4096 // block_d)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -724,7 +777,7 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, 
     dk = torch.empty((B, Hkv, S, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, Hkv, S, D), dtype=q.dtype, device=q.device)
     with _device_guard(q):
-        block = max(16, 4096 // opts["BLOCK_D"])
+        block = preprocess_block(opts["BLOCK_D"])
         _bwd_preprocess_kernel[(triton.cdiv(N, block), B * Hq)](
             out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, N,
             HEAD_DIM=opts["HEAD_DIM"], BLOCK_D=opts["BLOCK_D"], BLOCK_M=block)
@@ -741,7 +794,7 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, 
                 q, seg_k, seg_v, bias, mask, dout, lse2, delta, dk_out, dv_out,
                 *q.stride(), *seg_strides[0], *seg_strides[1], *bias_strides, *mask_strides, *dout.stride(),
                 *dk_out.stride(), *dv_out.stride(),
-                Hq, G, N, n_keys, col0, P + S, S - N, B * G, per_chunk, scale, scale_log2, dropout_p, seed,
+                Hq, G, N, n_keys, col0, S - N, B * G, per_chunk, scale, scale_log2, dropout_p, seed,
                 TUNE_KV=triton.next_power_of_2(n_keys), CAUSAL=seg_causal, HAS_MASK=seg_mask, **features,
                 **tune, **opts)
 
@@ -776,7 +829,7 @@ def _bias_grad(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, mask, mask_str
     Bb, Hb, Nb, Cb = bias4.shape
     if bias4.numel() == 0:
         return torch.zeros_like(attn_bias)
-    block = _DBIAS_BLOCK
+    block, block_n, num_warps, num_stages = DBIAS_LAUNCH
     rows_broadcast = Nb == 1 and N > 1
     units_m = triton.cdiv(N, block) if rows_broadcast else 1
     row_programs = 1 if rows_broadcast else triton.cdiv(N, block)
@@ -794,8 +847,8 @@ def _bias_grad(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, mask, mask_str
         *q.stride(), *k.stride(), *v.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
         *bias_strides, *mask_strides, *dout.stride(), *parts.stride(),
         Hq, Hq // Hkv, N, S, P, Hb, units_h, units_m, units, per_chunk, out_rows, scale_log2, dropout_p, seed,
-        BLOCK_M=block, BLOCK_N=block, CAUSAL=causal, HAS_MASK=attn_mask is not None, DROPOUT=dropout_p > 0,
-        SUM_COLS=sum_cols, **opts)
+        BLOCK_M=block, BLOCK_N=block_n, CAUSAL=causal, HAS_MASK=attn_mask is not None, DROPOUT=dropout_p > 0,
+        SUM_COLS=sum_cols, num_warps=num_warps, num_stages=num_stages, **opts)
     grad = parts.sum(0)
     if rows_broadcast:
         grad = grad.sum(2, keepdim=True)
