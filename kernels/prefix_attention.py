@@ -419,13 +419,12 @@ def _dkdv_kernel(Q, K, V, BIAS, MASK, DO, LSE2, DELTA, DK, DV,
     q_tile = offs_m[:, None] * sqn + offs_d[None, :] * sqd
     do_tile = offs_m[:, None] * sdon + offs_d[None, :] * sdod
 
-    # Causal: query i sees key j iff i >= j - shift. Query blocks before m_lo see none of this key block,
-    # blocks from m_full on see all of it; only [m_lo, m_full) needs the per-element mask.
+    # Causal: query i sees key j iff i >= j - shift, so query blocks before m_lo see none of this key block.
+    # The rest runs as one loop with the mask applied in every step: a second, unmasked copy of the loop for
+    # the blocks below the diagonal (as the forward has) costs more registers than it saves.
     m_lo = 0
-    m_full = 0
     if CAUSAL:
         m_lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
-        m_full = tl.maximum((tl.maximum(n0 + BLOCK_N - 1 - shift, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, m_lo)
     for t in range(t_lo, t_hi):
         b = (t // G).to(tl.int64)
         h = hkv * G + t % G
@@ -512,13 +511,14 @@ def _dbias_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DB,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, SUM_COLS: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Gradient of a broadcast bias, without atomics and without a [B, Hq, N, P + S] buffer.
+    """Gradient of a broadcast bias, without atomics.
 
     The bias gradient is dScores summed over the dimensions the bias is broadcast along. One program owns
     bias rows r * BLOCK_M .. (or all rows, when the bias is broadcast over N) of bias (row bb, head hb) and
     sums the dScores of the units of its chunk (see `_dbias_block`); it writes DB[chunk, bb, hb, rows, cols]
-    and the caller adds the chunks (and, for a bias broadcast over N, the rows) in a fixed order. SUM_COLS:
-    the bias has one column (broadcast over keys); sum over all keys into column 0.
+    and the caller adds the chunks (and, for a bias broadcast over N, the rows) in a fixed order. There are
+    as many chunks as the device needs programs in flight, not one per broadcast (row, head, query block).
+    SUM_COLS: the bias has one column (broadcast over keys); sum over all keys into column 0.
     """
     r = tl.program_id(0)
     pbh = tl.program_id(1)

@@ -37,6 +37,24 @@ def test_torch_path_does_not_materialize(shared, options, engine, monkeypatch):
     assert run_recorded(Case(**CASE, shared=shared, **options)) == []
 
 
+def triton(q, k, v, prefix_k, prefix_v, **options):
+    return prefix_attention(q, k, v, prefix_k, prefix_v, **options, backend="triton")
+
+
+@pytest.mark.parametrize("options", [{}, {"causal": True, "mask": "rows", "bias": "heads", "bias_grad": True}],
+                         ids=["plain", "masked"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+def test_triton_path_does_not_materialize(shared, options, monkeypatch):
+    """The launchers around the kernels copy nothing per row either. A shared prefix's gradient is summed in
+    chunks of (row, head) pairs as fp32 partials: their number follows the programs the GPU needs in flight,
+    not B (with a long prefix, one chunk). The test pins one chunk; at B = 3 three chunks would be as large
+    as a per-row copy and trip the detector."""
+    from fastprefix.kernels import prefix_attention as launchers
+
+    monkeypatch.setattr(launchers, "_INTERPRETER_PROGRAMS", 1)
+    assert run_recorded(Case(**CASE, shared=shared, **options), triton) == []
+
+
 def concatenating(q, k, v, prefix_k, prefix_v, **options):
     return reference_attention(q, k, v, prefix_k, prefix_v, **options)[0]
 
