@@ -56,8 +56,11 @@ def assert_matches_oracle(inp):
     assert not failures, failures
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+# A per-row prefix differs from a shared one in strides and in how its gradient is summed, not in dtype.
+LAYOUTS = [(True, torch.float32), (False, torch.float32), (True, torch.float16)]
+
+
+@pytest.mark.parametrize("shared, dtype", LAYOUTS, ids=["shared-fp32", "per_row-fp32", "shared-fp16"])
 @pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_matches_oracle(shape, feature, shared, dtype):
@@ -221,3 +224,36 @@ def test_lse_is_natural_log():
     inp = make_inputs(Case(B=1, Hq=2, Hkv=1, N=5, S=7, P=3, D=64), device=device(), requires_grad=False)
     _, lse = prefix_attention(*inp.tensors, return_lse=True, backend="triton")
     assert relative_error(lse, oracle(inp)[1]) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch configuration (GPU-side choice, exercised here with a simulated compute capability)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _kept(monkeypatch, name, arch, *, n_q=4096, head_dim=128, mask=False, bias=False, dropout=False):
+    """The (BLOCK_M, BLOCK_N, num_warps) Triton's autotuner keeps for kernel `name` on a GPU of `arch`."""
+    import triton
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: divmod(arch, 10))
+    _, candidates, acc_tile, accumulators = launchers.TUNED[name]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+    prune = launchers._pruner(candidates, acc_tile, accumulators)
+    kept = prune(configs, {"Q": torch.empty(0)}, TUNE_Q=n_q, TUNE_KV=4096, HEAD_DIM=head_dim,
+                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, HAS_MASK=mask, HAS_BIAS=bias,
+                 DROPOUT=dropout)
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept}
+
+
+def test_pruner_keeps_what_the_compile_report_verified(monkeypatch):
+    """128 x 64 forward tiles only where they do not spill (sm_90, or D <= 64; no mask, bias or dropout);
+    16-row tiles only for decoding; at D = 256 the accumulator bound leaves the 16-row fallback."""
+    assert (128, 64, 8) in _kept(monkeypatch, "fwd", 90)
+    assert (128, 64, 8) not in _kept(monkeypatch, "fwd", 80)
+    assert (128, 64, 8) in _kept(monkeypatch, "fwd", 80, head_dim=64)
+    assert (128, 64, 8) not in _kept(monkeypatch, "fwd", 90, dropout=True)
+    assert _kept(monkeypatch, "fwd", 90, n_q=1) == {(16, 64, 4)}
+    assert _kept(monkeypatch, "fwd", 90, head_dim=256) == {(16, 64, 4)}
+    assert (128, 32, 8) not in _kept(monkeypatch, "dq", 80, mask=True, bias=True, dropout=True)
+    assert (32, 64, 8) not in _kept(monkeypatch, "dkdv", 90, bias=True, dropout=True)
+    assert _kept(monkeypatch, "dkdv", 90, head_dim=256) == {(16, 32, 8)}
