@@ -606,16 +606,22 @@ DKDV_CANDIDATES = {
 DBIAS_LAUNCH = (_INTERPRETER_BLOCK, _INTERPRETER_BLOCK, 4, 1) if INTERPRETED else (64, 32, 8, 2)
 
 
-def config_fits(candidates, acc_tile, accumulators, config, *, arch, n_q, n_kv, block_d, features) -> bool:
+def config_fits(candidates, acc_tile, accumulators, resident, config, *, arch, n_q, n_kv, block_d, features,
+                itemsize=2, smem_bytes=None, small_q_tiles=False) -> bool:
     """Whether the launcher may use `config` (BLOCK_M, BLOCK_N, num_warps, num_stages) of `candidates`:
     its query block fits the queries (BLOCK_M = 16 only for N <= 16, decoding, unless the kernel steps over
-    queries), its key block the keys, its fp32 accumulators (`accumulators` tiles of `acc_tile` rows x
-    BLOCK_D) 64 registers per thread, and it is spill-free for this arch, BLOCK_D and feature set."""
-    m, n, warps, _ = config
-    rows = m if acc_tile == "BLOCK_M" else n
-    decode_only = acc_tile == "BLOCK_M" and m == 16
+    queries or `small_q_tiles`), its key block the keys, its fp32 accumulators (`accumulators` tiles of
+    `acc_tile` rows x BLOCK_D) 64 registers per thread, it is spill-free for this arch, BLOCK_D and feature
+    set, and (when `smem_bytes` is given) its tiles fit in shared memory: `resident` [acc rows, BLOCK_D]
+    tiles loaded once plus two [other rows, BLOCK_D] tiles per pipeline stage, of `itemsize` bytes (the
+    estimate matches the compiler's figure for the forward on sm_90 and exceeds it on sm_80)."""
+    m, n, warps, stages = config
+    rows, other = (m, n) if acc_tile == "BLOCK_M" else (n, m)
+    decode_only = acc_tile == "BLOCK_M" and m == 16 and not small_q_tiles
+    smem = (resident * rows + 2 * stages * other) * block_d * itemsize
     return (m <= max(16, n_q) and (not decode_only or n_q <= 16) and n <= max(16, n_kv)
             and accumulators * rows * block_d <= 64 * 32 * warps
+            and (smem_bytes is None or smem <= smem_bytes)
             and candidates[config](arch, block_d, features))
 
 
@@ -624,16 +630,25 @@ def _features(kwargs) -> frozenset:
                      if kwargs[flag])
 
 
-def _pruner(candidates, acc_tile, accumulators):
+def _pruner(candidates, acc_tile, accumulators, resident):
     """early_config_prune for Triton's autotuner over `candidates` (see `config_fits`)."""
 
     def prune(configs, named_args, **kwargs):
-        major, minor = torch.cuda.get_device_capability(named_args["Q"].device)
-        fits = [c for c in configs if config_fits(
-            candidates, acc_tile, accumulators, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages),
-            arch=10 * major + minor, n_q=kwargs["TUNE_Q"], n_kv=kwargs["TUNE_KV"], block_d=kwargs["BLOCK_D"],
-            features=_features(kwargs))]
-        return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        q = named_args["Q"]
+        major, minor = torch.cuda.get_device_capability(q.device)
+        smem_bytes = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        for small_q_tiles in (False, True):  # 16-row query tiles for long sequences only if nothing else fits
+            fits = [c for c in configs if config_fits(
+                candidates, acc_tile, accumulators, resident,
+                (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), arch=10 * major + minor,
+                n_q=kwargs["TUNE_Q"], n_kv=kwargs["TUNE_KV"], block_d=kwargs["BLOCK_D"],
+                features=_features(kwargs), itemsize=q.element_size(), smem_bytes=smem_bytes,
+                small_q_tiles=small_q_tiles)]
+            if fits:
+                return fits
+        # Nothing is known to fit (fp32 with large heads, say): the smallest tiles, unpipelined.
+        smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        return [triton.Config(dict(smallest.kwargs), num_warps=smallest.num_warps, num_stages=1)]
 
     return prune
 
@@ -646,17 +661,17 @@ def _configs(candidates):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
 
 
-TUNED = {  # name: (kernel, candidates, accumulator rows, number of [rows, BLOCK_D] fp32 accumulators)
-    "fwd": (_fwd_kernel, FWD_CANDIDATES, "BLOCK_M", 1),
-    "dq": (_dq_kernel, DQ_CANDIDATES, "BLOCK_M", 1),
-    "dkdv": (_dkdv_kernel, DKDV_CANDIDATES, "BLOCK_N", 2),
+TUNED = {  # name: (kernel, candidates, accumulator rows, [rows, BLOCK_D] fp32 accumulators, tiles loaded once)
+    "fwd": (_fwd_kernel, FWD_CANDIDATES, "BLOCK_M", 1, 1),
+    "dq": (_dq_kernel, DQ_CANDIDATES, "BLOCK_M", 1, 2),
+    "dkdv": (_dkdv_kernel, DKDV_CANDIDATES, "BLOCK_N", 2, 2),
 }
 _DKDV_MAX_BLOCK_N = max(n for _, n, _, _ in DKDV_CANDIDATES)
 
 
 def _autotuned(name):
-    kernel, candidates, acc_tile, accumulators = TUNED[name]
-    prune = _pruner(candidates, acc_tile, accumulators)
+    kernel, candidates, acc_tile, accumulators, resident = TUNED[name]
+    prune = _pruner(candidates, acc_tile, accumulators, resident)
     return triton.autotune(_configs(candidates), key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(
         kernel)
 

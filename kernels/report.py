@@ -35,6 +35,7 @@ FEATURES = {
     "all": dict(CAUSAL=True, HAS_MASK=True, HAS_BIAS=True, DROPOUT=True),
 }
 DEFAULT_LAUNCH = (4, 3)  # (num_warps, num_stages) of a launch that passes neither
+SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}  # shared memory a block may opt into (A100, H100/H200)
 
 _FP32_POINTERS = {"LSE", "DELTA", "LSE2", "DB"}
 _UNIT_STRIDES = {"sqd", "skd", "svd", "spkd", "spvd", "sbc", "sms", "sod", "sdd", "sdod", "sdqd", "sdkd", "sdvd",
@@ -115,11 +116,12 @@ def _configs(kernel: str, arch: int, block_d: int, constexprs: dict) -> list[tup
         return [(pa.preprocess_block(block_d), 0, *DEFAULT_LAUNCH)]
     if tuned is None:
         return [pa.DBIAS_LAUNCH]
-    _, candidates, acc_tile, accumulators = pa.TUNED[tuned]
+    _, candidates, acc_tile, accumulators, resident = pa.TUNED[tuned]
     features = pa._features(constexprs)
     return [config for config in candidates
-            if any(pa.config_fits(candidates, acc_tile, accumulators, config, arch=arch, n_q=n_q, n_kv=4096,
-                                  block_d=block_d, features=features) for n_q in (1, 4096))]
+            if any(pa.config_fits(candidates, acc_tile, accumulators, resident, config, arch=arch, n_q=n_q,
+                                  n_kv=4096, block_d=block_d, features=features, smem_bytes=SMEM_BYTES[arch])
+                   for n_q in (1, 4096))]
 
 
 def _block_d(head_dim: int) -> int:

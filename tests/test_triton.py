@@ -231,29 +231,44 @@ def test_lse_is_natural_log():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _kept(monkeypatch, name, arch, *, n_q=4096, head_dim=128, mask=False, bias=False, dropout=False):
-    """The (BLOCK_M, BLOCK_N, num_warps) Triton's autotuner keeps for kernel `name` on a GPU of `arch`."""
+class _Properties:
+    def __init__(self, arch):
+        self.shared_memory_per_block_optin = {80: 163, 90: 227}[arch] * 1024  # A100, H100
+
+
+def _kept(monkeypatch, name, arch, *, n_q=4096, head_dim=128, mask=False, bias=False, dropout=False,
+          dtype=torch.float16):
+    """The (BLOCK_M, BLOCK_N, num_warps[, 1 if unpipelined]) Triton's autotuner keeps for kernel `name` on
+    an A100 (arch 80) or H100 (arch 90)."""
     import triton
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: divmod(arch, 10))
-    _, candidates, acc_tile, accumulators = launchers.TUNED[name]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: _Properties(arch))
+    _, candidates, acc_tile, accumulators, resident = launchers.TUNED[name]
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
-    prune = launchers._pruner(candidates, acc_tile, accumulators)
-    kept = prune(configs, {"Q": torch.empty(0)}, TUNE_Q=n_q, TUNE_KV=4096, HEAD_DIM=head_dim,
+    prune = launchers._pruner(candidates, acc_tile, accumulators, resident)
+    kept = prune(configs, {"Q": torch.empty(0, dtype=dtype)}, TUNE_Q=n_q, TUNE_KV=4096, HEAD_DIM=head_dim,
                  BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, HAS_MASK=mask, HAS_BIAS=bias,
                  DROPOUT=dropout)
-    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept}
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) + ((1,) if c.num_stages == 1 else ())
+            for c in kept}
 
 
 def test_pruner_keeps_what_the_compile_report_verified(monkeypatch):
-    """128 x 64 forward tiles only where they do not spill (sm_90, or D <= 64; no mask, bias or dropout);
-    16-row tiles only for decoding; at D = 256 the accumulator bound leaves the 16-row fallback."""
+    """128 x 64 forward tiles only where they do not spill (sm_90, or D <= 64; no mask, bias or dropout)
+    and fit in shared memory; 16-row query tiles for decoding, or when nothing larger fits (D = 256); when
+    nothing is known to fit (fp32 decoding on an A100), the smallest tiles with one pipeline stage."""
     assert (128, 64, 8) in _kept(monkeypatch, "fwd", 90)
     assert (128, 64, 8) not in _kept(monkeypatch, "fwd", 80)
     assert (128, 64, 8) in _kept(monkeypatch, "fwd", 80, head_dim=64)
     assert (128, 64, 8) not in _kept(monkeypatch, "fwd", 90, dropout=True)
     assert _kept(monkeypatch, "fwd", 90, n_q=1) == {(16, 64, 4)}
     assert _kept(monkeypatch, "fwd", 90, head_dim=256) == {(16, 64, 4)}
+    assert _kept(monkeypatch, "fwd", 80, head_dim=256) == {(16, 64, 4, 1)}
     assert (128, 32, 8) not in _kept(monkeypatch, "dq", 80, mask=True, bias=True, dropout=True)
     assert (32, 64, 8) not in _kept(monkeypatch, "dkdv", 90, bias=True, dropout=True)
     assert _kept(monkeypatch, "dkdv", 90, head_dim=256) == {(16, 32, 8)}
+    # fp32 doubles the tiles: 128 x 64 forward tiles (3 stages, D = 128) need 256 KB of shared memory, and
+    # decoding's 16 x 64 tiles 200 KB: more than an A100 has, so they run with one pipeline stage.
+    assert (128, 64, 8) not in _kept(monkeypatch, "fwd", 90, dtype=torch.float32)
+    assert _kept(monkeypatch, "fwd", 80, n_q=1, dtype=torch.float32) == {(16, 64, 4, 1)}
