@@ -14,7 +14,6 @@ from .checks import Dims
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-MAX_ROWS_X_HEADS = 65535  # B * Hq programs share one grid axis, whose CUDA limit this is
 
 
 def input_reasons(dims: Dims, dtype: torch.dtype) -> list[str]:
@@ -26,9 +25,6 @@ def input_reasons(dims: Dims, dtype: torch.dtype) -> list[str]:
     if dims.D > MAX_HEAD_DIM:
         reasons.append(f"`q` has head dim D = {dims.D}, the Triton kernels take D <= {MAX_HEAD_DIM}; "
                        "use backend='torch' for larger heads")
-    if dims.B * dims.Hq > MAX_ROWS_X_HEADS:
-        reasons.append(f"`q` has B * Hq = {dims.B} * {dims.Hq} = {dims.B * dims.Hq} (row, head) pairs, the "
-                       f"Triton kernels take at most {MAX_ROWS_X_HEADS}; split the batch into smaller calls")
     return reasons
 
 
