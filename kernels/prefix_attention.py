@@ -89,16 +89,6 @@ def _logits(qk, qi, kj, n_q, n_keys, shift, scale_log2, bias_ptrs, mask_ptrs,
 
 
 @triton.jit
-def _tile_of_program(N, BLOCK_M: tl.constexpr):
-    """(query block, b * Hq + h) of this program. One grid axis holds both, query blocks fastest, so the
-    programs reading one head's keys run together and B * Hq is not bound by CUDA's 65535 limit on
-    the other axes."""
-    blocks = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    return pid % blocks, pid // blocks
-
-
-@triton.jit
 def _keep(seed, rows, cols, dropout_p):
     """Dropout keep decisions, P(keep) = 1 - dropout_p, for query rows `rows` (int64 b * Hq * N + h * N + i)
     and key columns `cols` (0 .. P + S), broadcast against each other. Philox keyed by the seed with the
@@ -176,9 +166,10 @@ def _fwd_kernel(Q, K, V, PK, PV, BIAS, MASK, OUT, LSE,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One program: BLOCK_M query rows of one (row b, query head h). Writes out and lse (natural log)."""
-    pid_m, bh = _tile_of_program(N, BLOCK_M)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(2) * Hq + tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     hkv = h // G
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -243,9 +234,10 @@ def _fwd_kernel(Q, K, V, PK, PV, BIAS, MASK, OUT, LSE,
 def _bwd_preprocess_kernel(OUT, DO, LSE, DELTA, LSE2, sob, soh, son, sod, sdb, sdh, sdn, sdd, Hq, N,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O); lse2 = lse * log2(e), +inf for rows that see no key."""
-    pid_m, bh = _tile_of_program(N, BLOCK_M)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(2) * Hq + tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < N
@@ -296,9 +288,10 @@ def _dq_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DQ,
                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One program: dQ for BLOCK_M query rows of one (b, h), over prefix then sequence keys."""
-    pid_m, bh = _tile_of_program(N, BLOCK_M)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(2) * Hq + tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     hkv = h // G
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -514,7 +507,7 @@ def _dbias_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DB,
                   spkb, spkh, spkn, spkd, spvb, spvh, spvn, spvd,
                   sbb, sbh, sbn, sbc, smb, smh, smn, sms, sdob, sdoh, sdon, sdod,
                   sdbc, sdbb, sdbh, sdbn, sdbj,
-                  Hq, G, N, S, P, Hb, units_h, units_m, units, per_chunk, out_rows, row_programs, scale_log2,
+                  Hq, G, N, S, P, Hb, units_h, units_m, units, per_chunk, out_rows, chunks, scale_log2,
                   dropout_p, seed,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, SUM_COLS: tl.constexpr,
@@ -528,11 +521,10 @@ def _dbias_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DB,
     as many chunks as the device needs programs in flight, not one per broadcast (row, head, query block).
     SUM_COLS: the bias has one column (broadcast over keys); sum over all keys into column 0.
     """
-    r = tl.program_id(0) % row_programs
-    pbh = tl.program_id(0) // row_programs
-    chunk = tl.program_id(1)
-    bb = pbh // Hb
-    hb = pbh % Hb
+    r = tl.program_id(0)
+    hb = tl.program_id(1)
+    bb = tl.program_id(2) // chunks
+    chunk = tl.program_id(2) % chunks
     u_lo = chunk * per_chunk
     u_hi = tl.minimum(u_lo + per_chunk, units)
     offs_n = tl.arange(0, BLOCK_N)
@@ -599,7 +591,7 @@ FWD_CANDIDATES = {
     (16, 64, 4, 3): _always,
 }
 DQ_CANDIDATES = {
-    (128, 32, 8, 2): lambda arch, block_d, features: arch >= 90 or len(features) < 3,
+    (128, 32, 8, 2): lambda arch, block_d, features: len(features) < 3 or (arch >= 90 and block_d <= 64),
     (64, 32, 8, 2): lambda arch, block_d, features: block_d <= 128 or arch < 90,
     (16, 32, 4, 2): _always,
 }
@@ -765,7 +757,7 @@ def attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, *, caus
     bias, bias_strides = _broadcast(attn_bias, (B, Hq, N, P + S), q)
     mask, mask_strides = _broadcast(attn_mask, (B, Hq, N, S), q)
     with _device_guard(q):
-        _fwd[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * Hq,)](
+        _fwd[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), Hq, B)](
             q, k, v, prefix_k, prefix_v, bias, mask, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
             *bias_strides, *mask_strides, *out.stride(),
@@ -801,10 +793,10 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, 
     dv = torch.empty((B, Hkv, S, D), dtype=q.dtype, device=q.device)
     with _device_guard(q):
         block = preprocess_block(opts["BLOCK_D"])
-        _bwd_preprocess_kernel[(triton.cdiv(N, block) * B * Hq,)](
+        _bwd_preprocess_kernel[(triton.cdiv(N, block), Hq, B)](
             out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, N,
             HEAD_DIM=opts["HEAD_DIM"], BLOCK_D=opts["BLOCK_D"], BLOCK_M=block)
-        _dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * B * Hq,)](
+        _dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), Hq, B)](
             q, k, v, prefix_k, prefix_v, bias, mask, dout, lse2, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
             *bias_strides, *mask_strides, *dout.stride(), *dq.stride(),
@@ -865,11 +857,11 @@ def _bias_grad(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, mask, mask_str
     parts = torch.empty((chunks, Bb, Hb, out_rows, 1 if sum_cols else P + S), dtype=torch.float32,
                         device=q.device)
     bias_strides = bias4.expand(B, Hq, N, P + S).stride()
-    _dbias_kernel[(row_programs * Bb * Hb, chunks)](
+    _dbias_kernel[(row_programs, Hb, Bb * chunks)](
         q, k, v, prefix_k, prefix_v, attn_bias, mask, dout, lse2, delta, parts,
         *q.stride(), *k.stride(), *v.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
         *bias_strides, *mask_strides, *dout.stride(), *parts.stride(),
-        Hq, Hq // Hkv, N, S, P, Hb, units_h, units_m, units, per_chunk, out_rows, row_programs, scale_log2,
+        Hq, Hq // Hkv, N, S, P, Hb, units_h, units_m, units, per_chunk, out_rows, chunks, scale_log2,
         dropout_p, seed,
         BLOCK_M=block, BLOCK_N=block_n, CAUSAL=causal, HAS_MASK=attn_mask is not None, DROPOUT=dropout_p > 0,
         SUM_COLS=sum_cols, num_warps=num_warps, num_stages=num_stages, **opts)

@@ -42,7 +42,7 @@ _UNIT_STRIDES = {"sqd", "skd", "svd", "spkd", "spvd", "sbc", "sms", "sod", "sdd"
                  "sdbj"}
 _FLOATS = {"scale", "scale_log2", "dropout_p"}
 _SIZES = {"Hq", "G", "N", "S", "P", "n_keys", "col0", "shift", "pairs", "per_chunk", "seed", "TUNE_Q",
-          "TUNE_KV", "Hb", "units_h", "units_m", "units", "out_rows", "row_programs"}
+          "TUNE_KV", "Hb", "units_h", "units_m", "units", "out_rows", "chunks"}
 
 
 @dataclass(frozen=True)
