@@ -62,6 +62,45 @@ class Prefix:
         self.keys: tuple[torch.Tensor, ...] = tuple(keys)
         self.values: tuple[torch.Tensor, ...] = tuple(values)
 
+    @classmethod
+    @torch.no_grad()
+    def from_prompt(cls, model, input_ids: torch.Tensor) -> Prefix:
+        """The keys and values of a shared prompt, computed once, as a shared prefix.
+
+        `model` is an unpatched model of a registered decoder-only family (LLaMA, Mistral, Qwen2);
+        `input_ids` is the prompt, [P] or [1, P]. The prompt runs once through the model at positions
+        0 ... P - 1, and each layer's keys (after the rotary embedding) and values become one [Hkv, P, D]
+        tensor. Then `with fastprefix.patched(model, prefix): model.generate(suffix_ids, attention_mask=...)`
+        generates every row as if it were [prompt ; suffix_row], the prompt's keys and values stored once
+        for the whole batch and never in the rows' cache. Computed without gradient.
+        """
+        from .patching import ATTN_IMPLEMENTATION, family_of
+
+        family_of(model)
+        if getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+            raise RuntimeError(
+                "Prefix.from_prompt: the model is patched by fastprefix, so the prompt would attend to the current "
+                "prefix; compute the prompt's prefix before patching (or after handle.unpatch())."
+            )
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"Prefix.from_prompt: `input_ids` must be an integer tensor of token ids, got "
+                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}.")
+        ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(
+                f"Prefix.from_prompt: `input_ids` must be one non-empty prompt, [P] or [1, P], got shape "
+                f"{_shape(input_ids)}. For a prompt per row, build Prefix([B, Hkv, P, D] tensors) yourself."
+            )
+        output = model.base_model(input_ids=ids.to(model.device), use_cache=True)
+        cache = output["cache"] if "cache" in output else output["past_key_values"]
+        keys = [layer.keys[0] for layer in cache.layers]
+        if any(k.shape[-2] != ids.shape[1] for k in keys):
+            raise ValueError(
+                f"Prefix.from_prompt: the model's cache kept {keys[0].shape[-2]} of the prompt's {ids.shape[1]} "
+                "positions (a sliding-window cache?); use a prompt no longer than the window."
+            )
+        return cls(keys, [layer.values[0] for layer in cache.layers])
+
     @property
     def num_layers(self) -> int:
         return len(self.keys)
