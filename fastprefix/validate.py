@@ -33,7 +33,7 @@ class Expectation:
 
 def causal_lm_expectations(model) -> list[Expectation]:
     """What a decoder-only model of a registered family needs from a PrefixTuningConfig."""
-    g = family_of(model).geometry(model)
+    g = family_of(model).geometry(model)["decoder"]
     config = model.config
     return [
         Expectation("task_type", "CAUSAL_LM", f"{type(model).__name__} is a causal language model", derived=False),

@@ -1,16 +1,20 @@
-"""`patch` / `patched` on LLaMA-family models: every registered family, positions, masks, caches, restore."""
+"""`patch` / `patched`: every registered family (LLaMA, T5) patches, runs and unpatches; on LLaMA-family models
+positions, masks, caches, restore (T5 specifics are in test_t5_patching.py)."""
 
 import gc
 import weakref
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, StaticCache
+from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig, StaticCache
 
 import fastprefix
+from fastprefix.models import llama, t5
 from fastprefix.patching import REGISTRY
 from fastprefix.testing import relative_error
 from llama_helpers import checkpointed_layers, generated_cache, padded_batch, peft_twins, quiet, tiny_model
+from t5_helpers import batch as t5_batch
+from t5_helpers import t5_twins, tiny_t5
 
 
 def random_prefix(model, P=5, batch=None, requires_grad=False):
@@ -24,10 +28,12 @@ def random_prefix(model, P=5, batch=None, requires_grad=False):
 
 
 def model_state(model):
-    """Everything patching could leave behind: the attention implementation, every module's attributes
-    and the keys of every hook dictionary."""
-    state = {"attn_implementation": model.config._attn_implementation}
+    """Everything patching could leave behind: the attention implementation of every config (T5's stacks have
+    their own), every module's attributes and the keys of every hook dictionary."""
+    state = {}
     for name, module in model.named_modules():
+        if isinstance(getattr(module, "config", None), PretrainedConfig):
+            state[f"{name}.config"] = module.config._attn_implementation
         state[name] = sorted(vars(module))
         for attr, value in vars(module).items():
             if "hooks" in attr and isinstance(value, dict):
@@ -40,21 +46,43 @@ def logits(model, ids, mask):
     return model(input_ids=ids, attention_mask=mask).logits
 
 
-@pytest.mark.parametrize("model_type", sorted(REGISTRY))
-def test_every_registered_family_patches_runs_and_unpatches(model_type):
-    """Patched: PEFT's logits for the same prefix. Unpatched: bit-identical to before, nothing left over."""
+def llama_case(model_type):
+    """A model, inputs, fastprefix's view of PEFT's prefix and PEFT's model as the oracle."""
     model = tiny_model(model_type)
     ids, mask = padded_batch((9, 5), 9, torch.Generator().manual_seed(0))
-    before, state = logits(model, ids, mask), model_state(model)
     peft_model, oracle = peft_twins(model)
     with torch.no_grad():
         prefix = fastprefix.from_peft(peft_model).prefix()
-    handle = fastprefix.patch(model, prefix)
-    out = logits(model, ids, mask)
-    assert relative_error(out, logits(oracle, ids, mask)) < 1e-5
-    assert relative_error(out, before) > 1e-2, "the prefix must change the output"
-    handle.unpatch()
-    assert torch.equal(logits(model, ids, mask), before)
+    return model, dict(input_ids=ids, attention_mask=mask), prefix, oracle
+
+
+def t5_case(model_type):
+    """As `llama_case`; the prefix is read from the cache PEFT builds (decoder self-attention only)."""
+    model = tiny_t5(model_type)
+    inputs = t5_batch(torch.Generator().manual_seed(0))
+    inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(inputs.pop("labels"))
+    _, oracle = t5_twins(model)
+    with torch.no_grad():
+        layers = oracle.get_prompt(1).self_attention_cache.layers
+    prefix = fastprefix.Prefix([layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
+    return model, inputs, prefix, oracle
+
+
+CASES = {**dict.fromkeys(llama.FAMILY.model_types, llama_case), **dict.fromkeys(t5.FAMILY.model_types, t5_case)}
+
+
+@pytest.mark.parametrize("model_type", sorted(REGISTRY))
+def test_every_registered_family_patches_runs_and_unpatches(model_type):
+    """Patched: PEFT's logits for the same prefix. Unpatched: bit-identical to before, nothing left over."""
+    model, inputs, prefix, oracle = CASES[model_type](model_type)
+    with torch.no_grad():
+        before, state = model(**inputs).logits, model_state(model)
+        handle = fastprefix.patch(model, prefix)
+        out = model(**inputs).logits
+        assert relative_error(out, oracle(**inputs).logits) < 1e-5
+        assert relative_error(out, before) > 1e-2, "the prefix must change the output"
+        handle.unpatch()
+        assert torch.equal(model(**inputs).logits, before)
     assert model_state(model) == state
 
 

@@ -25,21 +25,22 @@ from ..ops import prefix_attention
 from . import Family, Geometry
 
 
-def geometry(model: nn.Module) -> Geometry:
+def geometry(model: nn.Module) -> dict[str, Geometry]:
     config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return Geometry(num_layers=config.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)
+    return {"decoder": Geometry(num_layers=config.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim)}
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [layer.self_attn for layer in model.base_model.layers]
+def attention_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    return {"decoder": [layer.self_attn for layer in model.base_model.layers]}
 
 
-def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, scaling, dropout=0.0,
+def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, site, scaling, dropout=0.0,
               is_causal=None, **kwargs):
-    """transformers' `sdpa_attention_forward`, with the layer's prefix before the sequence keys.
+    """transformers' `sdpa_attention_forward`, with the layer's prefix before the sequence keys (every layer
+    is alike, so the `site` of the call does not matter).
 
     The mask comes from `sdpa_mask` (patching registers it for fastprefix): a bool [B, 1, N, S] over the
     sequence keys (True = attend) carrying causality, padding and any sliding window, or None when
@@ -81,11 +82,16 @@ def offset_positions(model: nn.Module, offset: Callable[[], int]) -> RemovableHa
     return model.base_model.rotary_emb.register_forward_pre_hook(shift, with_kwargs=True)
 
 
+def install(model: nn.Module, handle) -> list[RemovableHandle]:
+    return [offset_positions(model, lambda: handle.prefixes["decoder"].length)]
+
+
 FAMILY = Family(
     name="LLaMA",
     model_types=("llama", "mistral", "qwen2"),
+    kinds={"decoder": "self-attention"},
     geometry=geometry,
     attention_modules=attention_modules,
     attention=attention,
-    offset_positions=offset_positions,
+    install=install,
 )

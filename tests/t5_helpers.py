@@ -1,0 +1,91 @@
+"""Tiny randomly initialised T5 / mT5 models, PEFT prefix-tuning twins, prefixes and the generation oracle."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import PrefixTuningConfig, get_peft_model
+from transformers import DynamicCache, EncoderDecoderCache, MT5Config, MT5ForConditionalGeneration, T5Config
+from transformers import T5ForConditionalGeneration
+
+import fastprefix
+from llama_helpers import padded_batch
+
+VOCAB = 96
+# d_model 40 != num_heads * d_kv = 4 * 12 = 48, as in t5-v1_1 / mT5 checkpoints (PEFT's token_dim default
+# is wrong for them). Few buckets and a short max distance, so the short test sequences reach the
+# logarithmic buckets.
+CONFIG = dict(vocab_size=VOCAB, d_model=40, d_kv=12, d_ff=56, num_heads=4, num_layers=2,
+              relative_attention_num_buckets=8, relative_attention_max_distance=12, dropout_rate=0.1,
+              decoder_start_token_id=0, pad_token_id=0, eos_token_id=None, tie_word_embeddings=False)
+MODELS = {"t5": (T5Config, T5ForConditionalGeneration), "mt5": (MT5Config, MT5ForConditionalGeneration)}
+
+
+def tiny_t5(model_type="t5", **changes):
+    """A random fp32 model in eval mode. eos_token_id=None, so generation always runs its full length. The input
+    embeddings (untied from the output layer) are scaled by 0.1: T5 draws them from N(0, 1), so large next to
+    what attention adds that a tiny random T5 greedily repeats its last token whatever the input or prefix."""
+    config_class, model_class = MODELS[model_type]
+    model = model_class(config_class(**{**CONFIG, **changes})).eval()
+    with torch.no_grad():
+        model.shared.weight.mul_(0.1)
+    return model
+
+
+def peft_config(model, P=5, submodules=2, **changes):
+    """A PrefixTuningConfig that fits `model` (as fastprefix.validate wants it)."""
+    c = model.config
+    return PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P, num_transformer_submodules=submodules,
+                              num_layers=c.num_decoder_layers, token_dim=c.num_heads * c.d_kv,
+                              num_attention_heads=c.num_heads, **changes)
+
+
+def t5_twins(model, P=5, submodules=2, **changes):
+    """Two identical PEFT prefix-tuning models over copies of `model`: one for fastprefix, one as oracle."""
+    peft_model = get_peft_model(copy.deepcopy(model), peft_config(model, P, submodules, **changes))
+    return peft_model, copy.deepcopy(peft_model)
+
+
+def random_prefix(model, kind, P=5, requires_grad=False):
+    """Gaussian prefix keys/values for one attention kind of a T5 model, [H, P, d_kv] per layer."""
+    c = model.config
+    layers = c.num_layers if kind == "encoder" else c.num_decoder_layers
+    make = lambda: [torch.randn(c.num_heads, P, c.d_kv, requires_grad=requires_grad) for _ in range(layers)]
+    return fastprefix.Prefix(make(), make())
+
+
+def batch(generator, lengths=(9, 6, 3), width=9, target_lengths=(7, 4, 6), target_width=7):
+    """A seq2seq training batch: left-padded inputs, right-padded labels (-100 past each row's end) and the
+    matching decoder_attention_mask."""
+    ids, mask = padded_batch(lengths, width, generator, vocab=VOCAB)
+    labels = torch.randint(1, VOCAB, (len(target_lengths), target_width), generator=generator)
+    decoder_mask = torch.zeros_like(labels)
+    for r, n in enumerate(target_lengths):
+        decoder_mask[r, :n] = 1
+    return dict(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(decoder_mask == 0, -100),
+                decoder_attention_mask=decoder_mask)
+
+
+@torch.no_grad()
+def greedy_by_forward(forward, ids, new_tokens, start=0):
+    """Greedy decoding of one unpadded input row [1, n] by re-running `forward` on the whole growing decoder
+    sequence (no cache): the oracle for generation (PEFT's forward is right where its `generate` is not)."""
+    seq = torch.full((1, 1), start, dtype=torch.long)
+    for _ in range(new_tokens):
+        logits = forward(input_ids=ids, decoder_input_ids=seq).logits
+        seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+    return seq[:, 1:]
+
+
+def lazy_cache():
+    """An empty cache that grows a layer per decoder layer it meets. transformers' `generate` sizes the
+    cache it makes by config.num_layers (the encoder's layers), too few when num_decoder_layers is larger."""
+    return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+
+def cache_argument(model):
+    """The name `generate` takes a cache under: `cache` from transformers 5.24 on, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
