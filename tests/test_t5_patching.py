@@ -1,6 +1,6 @@
 """`patch` on T5 with prefixes in all three attention kinds (encoder, decoder self-attention, cross-attention):
-the concatenating reference, T5's relative position bias for prefix columns, caches, dropout, checkpointing
-and a decoder deeper than the encoder."""
+the concatenating reference, T5's relative position bias for prefix columns, caches, dropout, checkpointing,
+a decoder deeper than the encoder, and `TrainablePrefix`."""
 
 import copy
 
@@ -251,3 +251,31 @@ def test_a_bare_prefix_goes_to_decoder_self_attention():
             bare = model(**inputs).logits
         with fastprefix.patched(model, {"decoder": prefix}):
             assert torch.equal(model(**inputs).logits, bare)
+
+
+def test_trainable_prefix_learns_in_every_kind():
+    """TrainablePrefix: parameters of the model's geometry per kind, gradients in all three kinds, and a fixed
+    batch fitted by a few steps of the prefix alone."""
+    model = tiny_t5(**DEPTHS["deeper-decoder"], dropout_rate=0.0)
+    model.requires_grad_(False)
+    trainable = fastprefix.TrainablePrefix(model, length=4)
+    assert [name for name, _ in trainable.named_parameters()][:2] == ["prefix_keys.decoder.0", "prefix_keys.decoder.1"]
+    assert {kind: p.num_layers for kind, p in trainable.prefix().items()} == {"decoder": 3, "encoder": 2, "cross": 3}
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=5e-2)
+    inputs = batch(torch.Generator().manual_seed(5))
+    losses = []
+    with fastprefix.patched(model, trainable.prefix()):
+        for _ in range(15):
+            loss = model(**inputs).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.parameters())
+    assert losses[-1] < 0.8 * losses[0], losses
+    only_decoder = fastprefix.TrainablePrefix(model, length=2, kinds=["decoder"])
+    assert list(only_decoder.prefix()) == ["decoder"]
+    for bad, match in ((dict(length=4, kinds=["self"]), r"among \['decoder', 'encoder', 'cross'\]; got \['self'\]"),
+                       (dict(length=0), "positive int")):
+        with pytest.raises(ValueError, match=match):
+            fastprefix.TrainablePrefix(model, **bad)
