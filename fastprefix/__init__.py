@@ -5,8 +5,8 @@ from .patching import PatchHandle, patch, patched
 from .peft_interop import PeftPrefixModel, from_peft
 from .prefix import Prefix
 from .trainable import TrainablePrefix
-from .validate import PrefixConfigError, validate
+from .validate import PrefixConfigError, PrefixConfigWarning, validate
 
-__all__ = ["PatchHandle", "PeftPrefixModel", "Prefix", "PrefixConfigError", "TrainablePrefix", "from_peft", "patch",
-           "patched", "prefix_attention", "validate"]
+__all__ = ["PatchHandle", "PeftPrefixModel", "Prefix", "PrefixConfigError", "PrefixConfigWarning", "TrainablePrefix",
+           "from_peft", "patch", "patched", "prefix_attention", "validate"]
 __version__ = "0.1.0"

@@ -203,17 +203,8 @@ def _fastprefix_attention(module, query, key, value, attention_mask, **kwargs):
                                    site=Site(handle, kind, layer), **kwargs)
 
 
-def patch(model, prefix) -> PatchHandle:
-    """Route every attention layer of `model` through `prefix_attention` with `prefix` before the sequence.
-
-    `prefix`: a `Prefix` for the family's first attention kind (every layer of a decoder-only model; T5's
-    decoder self-attention), or a dict {kind: Prefix} (T5: "encoder", "decoder", "cross"). The prefix never
-    enters a cache (after `generate` the cache holds the sequence only), sequence tokens sit at positions
-    P, P + 1, ... (rotary models; T5's relative bias gives prefix columns the positions just before the
-    sequence), and the model's own attention mask (padding, left padding) applies to sequence keys. Returns
-    a handle; `handle.unpatch()` restores the model exactly.
-    """
-    family = family_of(model)
+def patch_family(model, prefix, family: Family) -> PatchHandle:
+    """`patch` with an explicit family (`from_peft` uses a PEFT-compatible variant of a registered one)."""
     modules = family.attention_modules(model)
     if any(module in _PATCHED_MODULES for of_kind in modules.values() for module in of_kind):
         raise RuntimeError(
@@ -227,6 +218,19 @@ def patch(model, prefix) -> PatchHandle:
     AttentionInterface.register(ATTN_IMPLEMENTATION, _fastprefix_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     return PatchHandle(model, family, prefix, prefixes)
+
+
+def patch(model, prefix) -> PatchHandle:
+    """Route every attention layer of `model` through `prefix_attention` with `prefix` before the sequence.
+
+    `prefix`: a `Prefix` for the family's first attention kind (every layer of a decoder-only model; T5's
+    decoder self-attention), or a dict {kind: Prefix} (T5: "encoder", "decoder", "cross"). The prefix never
+    enters a cache (after `generate` the cache holds the sequence only), sequence tokens sit at positions
+    P, P + 1, ... (rotary models; T5's relative bias gives prefix columns the positions just before the
+    sequence), and the model's own attention mask (padding, left padding) applies to sequence keys. Returns
+    a handle; `handle.unpatch()` restores the model exactly.
+    """
+    return patch_family(model, prefix, family_of(model))
 
 
 @contextlib.contextmanager

@@ -1,12 +1,24 @@
 """`from_peft(peft_model)`: run a PEFT prefix-tuning model on fastprefix's patched attention.
 
 PEFT 0.21 turns its prompt encoder's output into a per-row copy of the prefix ([B, P, 2 * layers * token_dim],
-`get_prompt`) and puts it in a `DynamicCache` that every layer concatenates with its sequence keys. Here
-the prompt encoder is called once per forward on the prefix tokens alone and its output is viewed, without
-a copy per row, as one [Hkv, P, D] key and value tensor per layer (PEFT's own layout: keys of layer l at
-slot 2l, values at 2l + 1). The base model is patched (`patching.patch`) for as long as the returned module
-is in use, so gradients reach PEFT's own parameters, gradient checkpointing works (the prefix is not in
-the cache that checkpointing disables), and `generate` keeps the prefix out of its cache.
+`get_prompt`) and puts it in a cache that every layer concatenates with its sequence keys. Here the prompt
+encoder is called once per forward on the prefix tokens alone and its output is viewed, without a copy per
+row, as [Hkv, P, D] key and value tensors (PEFT's own layout: 2 * layers slots, keys of layer l at slot 2l,
+values at 2l + 1), placed where PEFT's cache places them:
+
+* causal LM (`PeftModelForCausalLM`): layer l's self-attention attends to slots 2l, 2l + 1.
+* seq2seq LM (`PeftModelForSeq2SeqLM`, T5) with `num_transformer_submodules=2`: PEFT duplicates the 2L slots,
+  hands decoder layer l the four slots 4l .. 4l + 3 modulo 2L (self-attention keys, values, cross-attention
+  keys, values) in an `EncoderDecoderCache`, then empties its cross-attention part. So decoder self-attention
+  of layer l attends to slots 4l mod 2L and 4l + 1 mod 2L (with an even number of layers, the odd layers'
+  slots are never used), and neither the encoder nor cross-attention sees a prefix.
+* seq2seq LM with `num_transformer_submodules=1`: PEFT puts slots 2l, 2l + 1 in a plain `DynamicCache` that T5's
+  decoder layer l shares between self- and cross-attention; fastprefix reproduces that (see
+  `models.t5.shared_cache_attention`), and `validate` warns about what it means.
+
+The base model is patched (`patching`) for as long as the returned module is in use, so gradients reach
+PEFT's own parameters, gradient checkpointing works (the prefix is not in the cache that checkpointing
+disables), and `generate` keeps the prefix out of its cache.
 """
 
 from __future__ import annotations
@@ -14,9 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .patching import patch
+from .models import t5
+from .patching import family_of, patch_family
 from .prefix import Prefix
-from .validate import validate
+from .validate import _value, validate
 
 
 def _reentrant_checkpointing(model: nn.Module) -> bool:
@@ -30,9 +43,11 @@ def _reentrant_checkpointing(model: nn.Module) -> bool:
 
 
 class PeftPrefixModel(nn.Module):
-    """A PEFT prefix-tuning causal LM whose prefix runs through fastprefix. Built by `from_peft`.
+    """A PEFT prefix-tuning model (causal LM or seq2seq LM) whose prefix runs through fastprefix. Built by
+    `from_peft`.
 
     `model(...)` takes the arguments of PEFT's forward and returns the base model's output (logits, loss);
+    a `decoder_attention_mask` covers the decoder tokens only (PEFT prepends ones for its prefix itself).
     `model.generate(...)` is the base model's `generate` with the prefix. `peft_model` stays the owner of
     the parameters: an optimizer on `peft_model.parameters()` trains this module. While this module is in
     use, call the model through it (PEFT's own forward would add its prefix on top of fastprefix's and is
@@ -42,13 +57,19 @@ class PeftPrefixModel(nn.Module):
     def __init__(self, peft_model):
         super().__init__()
         self.peft_model = peft_model
+        config = peft_model.active_peft_config
+        self._seq2seq = _value(config.task_type) == "SEQ_2_SEQ_LM"
+        self._shared_cache = self._seq2seq and config.num_transformer_submodules == 1
+        base = peft_model.get_base_model()
+        family = t5.PEFT_SHARED_CACHE_FAMILY if self._shared_cache else family_of(base)
         with torch.no_grad():
-            self._handle = patch(peft_model.get_base_model(), self.prefix())
+            self._handle = patch_family(base, self.prefix(), family)
         self._guard = peft_model.register_forward_pre_hook(_refuse_direct_call)
 
-    def prefix(self) -> Prefix:
-        """The prefix of PEFT's active adapter: one [Hkv, P, D] key and value tensor per layer, computed once
-        (a view of the prompt encoder's output, differentiable with respect to its parameters)."""
+    def prefix(self) -> Prefix | dict[str, Prefix]:
+        """The prefix of PEFT's active adapter where PEFT places it (see the module docstring): a `Prefix` for
+        a causal LM, {kind: Prefix} for a seq2seq LM; one [Hkv, P, D] key and value tensor per layer, views of
+        the prompt encoder's output computed once (differentiable with respect to its parameters)."""
         peft_model = self.peft_model
         config = peft_model.active_peft_config
         encoder = peft_model.prompt_encoder[peft_model.active_adapter]
@@ -62,7 +83,11 @@ class PeftPrefixModel(nn.Module):
         if peft_model.base_model_torch_dtype is not None:
             flat = flat.to(peft_model.base_model_torch_dtype)
         kv = flat.view(P, 2 * layers, heads, config.token_dim // heads).permute(1, 2, 0, 3)
-        return Prefix(list(kv[0::2]), list(kv[1::2]))
+        if self._seq2seq and not self._shared_cache:
+            slots = [4 * layer % (2 * layers) for layer in range(layers)]
+            return {"decoder": Prefix([kv[s] for s in slots], [kv[s + 1] for s in slots])}
+        prefix = Prefix(list(kv[0::2]), list(kv[1::2]))
+        return {"decoder": prefix, "cross": prefix} if self._shared_cache else prefix
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
@@ -85,8 +110,25 @@ class PeftPrefixModel(nn.Module):
                     return_dict=return_dict, **kwargs)
 
     def generate(self, *args, **kwargs):
-        """The base model's `generate` attending to the current prefix (computed once, without gradient)."""
+        """The base model's `generate` attending to the current prefix (computed once, without gradient).
+
+        With PEFT's `num_transformer_submodules=1` layout on T5, cross-attention lets every decoder position see
+        every other, so the states of earlier positions change with each new token and cannot be cached: the
+        decoder then runs without a cache, over the whole sequence at every token (which is what greedy
+        decoding by PEFT's forward computes).
+        """
         self._require_patched()
+        if self._shared_cache:
+            given = ["use_cache=True"] * bool(kwargs.get("use_cache")) + [
+                name for name in ("past_key_values", "cache") if kwargs.get(name) is not None]
+            if given:
+                raise ValueError(
+                    f"fastprefix: generate got {', '.join(given)}, but with num_transformer_submodules=1 every decoder "
+                    "position's cross-attention sees the later positions too, so no cache can hold their states. "
+                    "Drop the argument (the decoder then reruns over the sequence at every token), or train with "
+                    "num_transformer_submodules=2."
+                )
+            kwargs["use_cache"] = False
         with torch.no_grad():
             self._handle.set_prefix(self.prefix())
         return self.peft_model.get_base_model().generate(*args, **kwargs)
@@ -110,14 +152,16 @@ def _refuse_direct_call(module, args):
 
 
 def from_peft(peft_model) -> PeftPrefixModel:
-    """Wrap a `PeftModelForCausalLM` with a `PrefixTuningConfig` so it runs on fastprefix (see
-    `PeftPrefixModel`). Checks the config against the model first (`validate`)."""
-    from peft import PeftModelForCausalLM
+    """Wrap a `PeftModelForCausalLM` or `PeftModelForSeq2SeqLM` with a `PrefixTuningConfig` so it runs on
+    fastprefix (see `PeftPrefixModel`). Checks the config against the model first (`validate`), so a config
+    PEFT would fail on deep inside a forward is refused here with the fix."""
+    from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
 
-    if not isinstance(peft_model, PeftModelForCausalLM):
+    if not isinstance(peft_model, (PeftModelForCausalLM, PeftModelForSeq2SeqLM)):
         raise TypeError(
-            f"fastprefix.from_peft: expected a peft PeftModelForCausalLM (get_peft_model(model, "
-            f"PrefixTuningConfig(task_type='CAUSAL_LM', ...))), got {type(peft_model).__name__}."
+            f"fastprefix.from_peft: expected a peft PeftModelForCausalLM or PeftModelForSeq2SeqLM (get_peft_model("
+            f"model, PrefixTuningConfig(task_type='CAUSAL_LM' or 'SEQ_2_SEQ_LM', ...))), got "
+            f"{type(peft_model).__name__}."
         )
     validate(peft_model.active_peft_config, peft_model.get_base_model())
     return PeftPrefixModel(peft_model)

@@ -29,6 +29,7 @@ prefix through `prefix_attention`; no cache ever holds it. T5 specifics:
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -128,3 +129,29 @@ FAMILY = Family(
     attention=attention,
     install=install,
 )
+
+
+def shared_cache_attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, site, **kwargs):
+    """`attention` as PEFT 0.21 runs T5 with `num_transformer_submodules=1`.
+
+    PEFT then hands T5 a plain `DynamicCache` holding the prefix, and T5's decoder layer l uses that one cache
+    layer for both attentions: self-attention appends the decoder's keys/values to it, then cross-attention
+    appends the encoder's and attends to all of it. So cross-attention sees [prefix ; the decoder's keys of
+    this layer, every position, later ones included ; the encoder's keys], without relative bias, the
+    encoder's padding mask applying to encoder columns (PEFT itself fails on a padded encoder batch: its
+    mask does not cover the extra columns). Self-attention stashes its keys and values (the cache's and this
+    call's) for the cross-attention of the same layer, which runs next.
+    """
+    if site.kind == "decoder":
+        site.handle.scratch[("decoder_kv", site.layer)] = (key, value)
+    elif site.kind == "cross":
+        decoder_k, decoder_v = site.handle.scratch.pop(("decoder_kv", site.layer))
+        key, value = torch.cat([decoder_k, key], dim=2), torch.cat([decoder_v, value], dim=2)
+        if attention_mask is not None:
+            visible = attention_mask.new_ones(*attention_mask.shape[:-1], decoder_k.shape[2])
+            attention_mask = torch.cat([visible, attention_mask], dim=-1)
+    return attention(module, query, key, value, attention_mask, prefix_k, prefix_v, site=site, **kwargs)
+
+
+PEFT_SHARED_CACHE_FAMILY = dataclasses.replace(FAMILY, name="T5 (PEFT's num_transformer_submodules=1 layout)",
+                                               attention=shared_cache_attention)

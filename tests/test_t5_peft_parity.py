@@ -1,0 +1,219 @@
+"""`from_peft` on T5 (PeftModelForSeq2SeqLM) against PEFT 0.21 itself, for both num_transformer_submodules:
+logits, loss, gradients, generation, training. What PEFT does there, verified below against PEFT:
+
+* 2 (the default): the prefix reaches decoder self-attention only, decoder layer l reading prompt slots
+  4l mod 2L (keys) and 4l + 1 mod 2L (values); neither the encoder nor cross-attention sees it.
+* 1: one plain cache per decoder layer shared by self- and cross-attention, so cross-attention also attends to
+  the prefix and to every decoder position, later ones included; a padded encoder batch makes PEFT fail.
+
+PEFT's forward is the oracle, never its `generate` (it drops the prefix on transformers 5.24).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import fastprefix
+from fastprefix import PrefixConfigWarning
+from fastprefix.testing import relative_error
+from t5_helpers import VOCAB, batch, cache_argument, greedy_by_forward, lazy_cache, t5_twins, tiny_t5
+
+GEOMETRIES = {"d_model-40-heads-4x12": dict(), "decoder-3-over-encoder-2": dict(num_decoder_layers=3)}
+PROJECTION = {"plain": dict(prefix_projection=False), "projected": dict(prefix_projection=True,
+                                                                         encoder_hidden_size=24)}
+
+
+def from_peft(peft_model):
+    """fastprefix.from_peft, which warns (PrefixConfigWarning) exactly when num_transformer_submodules is 1."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = fastprefix.from_peft(peft_model)
+    ours = [w for w in caught if issubclass(w.category, PrefixConfigWarning)]
+    assert len(ours) == (peft_model.active_peft_config.num_transformer_submodules == 1), ours
+    return fast
+
+
+def training_batch(submodules, seed):
+    """PEFT fails on a padded encoder batch with num_transformer_submodules=1, so its inputs are unpadded."""
+    inputs = batch(torch.Generator().manual_seed(seed))
+    if submodules == 1:
+        del inputs["attention_mask"]
+    return inputs
+
+
+def trainable_grads(peft_model):
+    return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def assert_same_step(fast, oracle, inputs):
+    """One forward + backward of both; logits and loss < 1e-5, every trainable gradient < 1e-4."""
+    out, ref = fast(**inputs), oracle(**inputs)
+    assert relative_error(out.logits, ref.logits) < 1e-5
+    assert relative_error(out.loss, ref.loss) < 1e-5
+    out.loss.backward()
+    ref.loss.backward()
+    grads, expected = trainable_grads(fast.peft_model), trainable_grads(oracle)
+    assert grads.keys() == expected.keys() and grads
+    for name in grads:
+        assert relative_error(grads[name], expected[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("projection", list(PROJECTION))
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("submodules", [2, 1])
+def test_forward_and_gradients_match_peft(submodules, geometry, projection):
+    peft_model, oracle = t5_twins(tiny_t5(**GEOMETRIES[geometry]), submodules=submodules, **PROJECTION[projection])
+    assert_same_step(from_peft(peft_model), oracle, training_batch(submodules, seed=1))
+
+
+@pytest.mark.parametrize("submodules", [2, 1])
+def test_inference_mode_matches_peft(submodules):
+    """In inference mode PEFT reads the prefix straight from the embedding; gradients still reach it."""
+    peft_model, oracle = t5_twins(tiny_t5(), submodules=submodules, inference_mode=True)
+    for m in (peft_model, oracle):
+        m.prompt_encoder.requires_grad_(True)
+    assert_same_step(from_peft(peft_model), oracle, training_batch(submodules, seed=2))
+
+
+def test_the_prefix_reaches_decoder_self_attention_only_with_two_submodules():
+    """With 2 submodules PEFT's prompt slots of odd layers are never read when the decoder has an even number
+    of layers (layer l reads slot 4l mod 2L): their gradients are zero, in PEFT and in fastprefix. The
+    encoder's output does not depend on the prefix."""
+    peft_model, oracle = t5_twins(tiny_t5(num_layers=4), submodules=2, prefix_projection=False)
+    fast = from_peft(peft_model)
+    inputs = training_batch(2, seed=3)
+    for model in (fast, oracle):
+        model(**inputs).loss.backward()
+    for model in (peft_model, oracle):
+        grad = model.prompt_encoder.default.embedding.weight.grad.view(5, 4, 2, -1)  # [P, layer, k/v, H * d_kv]
+        assert (grad[:, 1::2] == 0).all() and (grad[:, 0::2] != 0).any()
+    with torch.no_grad():
+        out = fast(**inputs, output_hidden_states=True)
+        base = oracle.get_base_model()(**inputs, output_hidden_states=True)
+    assert torch.equal(out.encoder_last_hidden_state, base.encoder_last_hidden_state)
+
+
+def test_peft_one_submodule_lets_cross_attention_see_later_decoder_tokens():
+    """What validate's warning says, on PEFT itself: with 1 submodule, changing the last decoder token changes
+    the logits of earlier positions (so in training they see the labels); with 2 it does not."""
+    changed = {}
+    for submodules in (1, 2):
+        peft_model, _ = t5_twins(tiny_t5(), submodules=submodules)
+        ids = torch.randint(1, VOCAB, (1, 7))
+        decoder_ids = torch.randint(1, VOCAB, (1, 6))
+        other = decoder_ids.clone()
+        other[0, -1] = decoder_ids[0, -1] % (VOCAB - 1) + 1
+        with torch.no_grad():
+            a = peft_model(input_ids=ids, decoder_input_ids=decoder_ids).logits[:, :-1]
+            b = peft_model(input_ids=ids, decoder_input_ids=other).logits[:, :-1]
+        changed[submodules] = not torch.equal(a, b)
+    assert changed == {1: True, 2: False}
+
+
+def assert_generation_matches_oracle(fast, oracle, lengths=(8, 5, 2), new_tokens=20):
+    """Left-padded batch: every row equals greedy decoding by PEFT's forward on that row alone, the decoder's
+    cache holds the generated tokens only, and the prefix changes some row's tokens."""
+    width = max(lengths)
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, VOCAB, (len(lengths), width), generator=generator)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        mask[r, width - n:] = 1
+    ids = ids.masked_fill(mask == 0, 0)
+    out = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                        return_dict_in_generate=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    if fast.peft_model.active_peft_config.num_transformer_submodules == 1:
+        assert cache is None, "no cache can hold the states of PEFT's one-submodule layout"
+    else:
+        for layer in cache.self_attention_cache.layers:
+            assert layer.keys.shape[-2] == new_tokens, "the decoder cache must hold the generated tokens only"
+    prefix_mattered = False
+    for r, n in enumerate(lengths):
+        row = ids[r:r + 1, width - n:]
+        expected = greedy_by_forward(oracle, row, new_tokens)
+        assert torch.equal(out.sequences[r:r + 1, 1:], expected), f"row {r}"
+        prefix_mattered |= not torch.equal(greedy_by_forward(oracle.get_base_model(), row, new_tokens), expected)
+    assert prefix_mattered, "the prefix must change the generated tokens, or this test cannot tell"
+
+
+@pytest.mark.parametrize("submodules", [2, 1])
+def test_generate_matches_forward_greedy_oracle(submodules):
+    peft_model, oracle = t5_twins(tiny_t5(), submodules=submodules, prefix_projection=True, encoder_hidden_size=24)
+    assert_generation_matches_oracle(from_peft(peft_model), oracle)
+
+
+def test_one_submodule_generation_refuses_a_cache():
+    peft_model, _ = t5_twins(tiny_t5(), submodules=1)
+    fast = from_peft(peft_model)
+    name = cache_argument(peft_model.get_base_model())
+    for arguments, named in ((dict(use_cache=True), "use_cache=True"), ({name: lazy_cache()}, name)):
+        with pytest.raises(ValueError, match=f"generate got {named}.*no cache can hold their states"):
+            fast.generate(input_ids=torch.ones(1, 3, dtype=torch.long), **arguments)
+
+
+def train(model_call, parameters, submodules, steps, seed=5):
+    """`steps` AdamW steps fitting one batch; returns the losses."""
+    optimizer = torch.optim.AdamW(parameters, lr=3e-2)
+    inputs = training_batch(submodules, seed)
+    losses = []
+    for _ in range(steps):
+        loss = model_call(**inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("submodules", [2, 1])
+def test_generate_after_training_steps(submodules):
+    """Training mode (attention and hidden dropout on), three optimizer steps through fastprefix, then
+    generation on the same object equals PEFT's forward with the trained weights."""
+    peft_model, oracle = t5_twins(tiny_t5(), submodules=submodules)
+    fast = from_peft(peft_model)
+    peft_model.train()
+    train(fast, peft_model.parameters(), submodules, steps=3)
+    peft_model.eval()
+    oracle.load_state_dict(peft_model.state_dict())
+    assert_generation_matches_oracle(fast, oracle, new_tokens=20)
+
+
+@pytest.mark.parametrize("submodules", [2, 1])
+def test_training_loop_matches_peft(submodules):
+    """15 steps with an optimizer on peft_model.parameters(), dropout off (PEFT and fastprefix draw dropout masks
+    differently): the same loss curve as PEFT."""
+    peft_model, oracle = t5_twins(tiny_t5(dropout_rate=0.0), submodules=submodules, prefix_projection=True,
+                                  encoder_hidden_size=24)
+    peft_model.train(), oracle.train()
+    losses = train(from_peft(peft_model), peft_model.parameters(), submodules, steps=15)
+    expected = train(oracle, oracle.parameters(), submodules, steps=15)
+    for step, (got, want) in enumerate(zip(losses, expected)):
+        assert abs(got - want) / abs(want) < 1e-4, f"step {step}: {got} vs {want}"
+    assert losses[-1] < 0.9 * losses[0], "training must make progress, or the curve comparison says little"
+
+
+def test_gradient_checkpointing_same_gradients():
+    """PEFT refuses checkpointing for prefix tuning; fastprefix gives the gradients PEFT gives without it."""
+    peft_model, oracle = t5_twins(tiny_t5(dropout_rate=0.0), submodules=2)
+    peft_model.train(), oracle.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model.get_base_model().gradient_checkpointing_enable()
+    fast = from_peft(peft_model)
+    assert_same_step(fast, oracle, training_batch(2, seed=6))
+
+
+def test_peft_forward_refused_while_patched_and_restored_after_unpatch():
+    peft_model, oracle = t5_twins(tiny_t5())
+    fast = from_peft(peft_model)
+    inputs = training_batch(2, seed=7)
+    with pytest.raises(RuntimeError, match="patched by fastprefix.from_peft"):
+        peft_model(**inputs)
+    fast.unpatch()
+    with torch.no_grad():
+        assert torch.equal(peft_model(**inputs).logits, oracle(**inputs).logits)
+    assert {c._attn_implementation for c in (peft_model.get_base_model().config,
+                                              peft_model.get_base_model().encoder.config,
+                                              peft_model.get_base_model().decoder.config)} == {"sdpa"}
