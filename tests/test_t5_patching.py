@@ -65,6 +65,22 @@ def test_all_three_kinds_match_the_concatenating_reference(depth, trainable, mon
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "unpatched model changed"
 
 
+def test_per_row_prefixes_match_the_concatenating_reference(monkeypatch):
+    """[B, H, P, d_kv] prefixes, one per row, in all three kinds: forward and backward against the reference."""
+    model = tiny_t5()
+    model.requires_grad_(False)
+    inputs = batch(torch.Generator().manual_seed(6))
+    shared = all_kinds(model)
+    prefixes = {kind: fastprefix.Prefix(*([torch.randn(3, *t.shape, requires_grad=True) for t in tensors]
+                                          for tensors in (p.keys, p.values))) for kind, p in shared.items()}
+    logits, loss, grads = loss_and_gradients(model, prefixes, inputs)
+    monkeypatch.setenv("FASTPREFIX_BACKEND", "reference")
+    ref_logits, ref_loss, ref_grads = loss_and_gradients(model, prefixes, inputs)
+    assert relative_error(logits, ref_logits) < 1e-5 and relative_error(loss, ref_loss) < 1e-5
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert relative_error(g, r) < 1e-4, i
+
+
 def concatenating_oracle(prefixes, first_layer):
     """An attention function computing what the module docstring promises, the way PEFT's cache does: the
     prefix occupies positions 0 .. P - 1 and the sequence P, P + 1, ..., so one call to T5's `compute_bias`
@@ -239,6 +255,13 @@ def test_prefixes_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="a bare Prefix goes to decoder self-attention, which T5EncoderModel does not"):
         fastprefix.patch(encoder_only, random_prefix(model, "encoder"))
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_float_4d_mask_is_refused():
+    model = tiny_t5()
+    ids = torch.randint(1, VOCAB, (2, 6))
+    with fastprefix.patched(model, all_kinds(model)), pytest.raises(TypeError, match="2-D padding mask"):
+        model(input_ids=ids, attention_mask=torch.zeros(2, 1, 6, 6), decoder_input_ids=ids)
 
 
 def test_a_bare_prefix_goes_to_decoder_self_attention():
