@@ -16,8 +16,9 @@ import torch
 
 import fastprefix
 from fastprefix import PrefixConfigWarning
+from fastprefix.backends import unavailable_reasons
 from fastprefix.testing import relative_error
-from t5_helpers import VOCAB, batch, cache_argument, greedy_by_forward, lazy_cache, t5_twins, tiny_t5
+from t5_helpers import VOCAB, batch, cache_argument, greedy_by_forward, lazy_cache, random_prefix, t5_twins, tiny_t5
 
 GEOMETRIES = {"d_model-40-heads-4x12": dict(), "decoder-3-over-encoder-2": dict(num_decoder_layers=3)}
 PROJECTION = {"plain": dict(prefix_projection=False), "projected": dict(prefix_projection=True,
@@ -217,3 +218,45 @@ def test_peft_forward_refused_while_patched_and_restored_after_unpatch():
     assert {c._attn_implementation for c in (peft_model.get_base_model().config,
                                               peft_model.get_base_model().encoder.config,
                                               peft_model.get_base_model().decoder.config)} == {"sdpa"}
+
+
+def test_triton_backend_matches_peft_and_the_reference(monkeypatch):
+    """A smaller case on the Triton kernels (under TRITON_INTERPRET=1 on CPU), selected by FASTPREFIX_BACKEND:
+    PEFT's step and generation, and prefixes in all three kinds against the concatenating reference."""
+    reasons = unavailable_reasons("triton", torch.device("cpu"))
+    if reasons:
+        pytest.skip("Triton backend unavailable here: " + "; ".join(reasons))
+    monkeypatch.setenv("FASTPREFIX_BACKEND", "triton")
+    inputs = batch(torch.Generator().manual_seed(9), lengths=(5, 3), width=5, target_lengths=(4, 2), target_width=4)
+    peft_model, oracle = t5_twins(tiny_t5(), P=3)
+    fast = from_peft(peft_model)
+    assert_same_step(fast, oracle, inputs)
+    # Generation: each step's logits (one query against the cache) equal PEFT's forward over the final sequence.
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    out = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                        return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        expected = oracle(input_ids=ids, attention_mask=mask, decoder_input_ids=out.sequences).logits[:, :-1]
+        base = oracle.get_base_model()(input_ids=ids, attention_mask=mask, decoder_input_ids=out.sequences).logits
+    assert relative_error(torch.stack(out.logits, dim=1), expected) < 1e-5
+    assert relative_error(base[:, :-1], expected) > 1e-2, "the prefix must change the logits"
+
+    model = tiny_t5()
+    model.requires_grad_(False)
+    prefixes = {kind: random_prefix(model, kind, P=3, requires_grad=True) for kind in ("encoder", "decoder", "cross")}
+    leaves = [t for p in prefixes.values() for t in p.keys + p.values]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        with fastprefix.patched(model, prefixes):
+            out = model(**inputs)
+            out.loss.backward()
+        return out.logits, [t.grad for t in leaves]
+
+    logits, grads = step()
+    monkeypatch.setenv("FASTPREFIX_BACKEND", "reference")
+    ref_logits, ref_grads = step()
+    assert relative_error(logits, ref_logits) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert relative_error(g, r) < 1e-4
