@@ -3,6 +3,7 @@ the concatenating reference, T5's relative position bias for prefix columns, cac
 a decoder deeper than the encoder, and `TrainablePrefix`."""
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -262,6 +263,21 @@ def test_float_4d_mask_is_refused():
     ids = torch.randint(1, VOCAB, (2, 6))
     with fastprefix.patched(model, all_kinds(model)), pytest.raises(TypeError, match="2-D padding mask"):
         model(input_ids=ids, attention_mask=torch.zeros(2, 1, 6, 6), decoder_input_ids=ids)
+
+
+def test_an_encoder_only_model_takes_an_encoder_prefix_and_outlives_its_dropped_handle(monkeypatch):
+    """T5EncoderModel: {"encoder": Prefix} matches the reference; the model alone keeps the patch alive
+    (regression: the handle was once kept only by decoder hooks, so an encoder-only model lost it)."""
+    model = tiny_t5()
+    encoder_only = T5EncoderModel(model.config).eval()
+    ids = torch.randint(1, VOCAB, (2, 7))
+    fastprefix.patch(encoder_only, {"encoder": random_prefix(model, "encoder")})
+    gc.collect()
+    with torch.no_grad():
+        out = encoder_only(input_ids=ids).last_hidden_state
+        monkeypatch.setenv("FASTPREFIX_BACKEND", "reference")
+        expected = encoder_only(input_ids=ids).last_hidden_state
+    assert relative_error(out, expected) < 1e-5
 
 
 def test_a_bare_prefix_goes_to_decoder_self_attention():

@@ -19,9 +19,10 @@ prefix through `prefix_attention`; no cache ever holds it. T5 specifics:
   position is m - P - (past + i), bucketed by the stack's layer-0 module with its own `bidirectional` flag
   (`T5Attention.compute_bias`, True in the encoder, False in the decoder). This is what PEFT's cache
   produces, its prefix sitting in cache slots 0 .. P - 1. The bias handed to `prefix_attention` is
-  [1, H, N, P + S], one copy for the whole batch. A pre-hook on each decoder self-attention module records
-  `past` as T5 computes it (`cache.get_seq_length(layer)`; with a static cache the key length is the
-  cache's capacity, so it cannot be read off the keys).
+  [1, H, N, P + S], one copy for the whole batch. A pre-hook on each self-attention module records `past`
+  as T5 computes it (`cache.get_seq_length(layer)`, 0 without a cache, as in the encoder; with a static
+  cache the key length is the cache's capacity, so it cannot be read off the keys). These hooks also keep
+  the patch's handle alive for as long as the model (see `patching`).
 * Cross-attention has no relative bias (T5 passes zeros): none is applied, to prefix or encoder columns.
 * Dropout: the module passes `dropout_rate` in training mode (0 in eval), applied to the attention
   probabilities of all P + S columns.
@@ -67,7 +68,7 @@ def prefix_position_bias(site, length: int, query_length: int, device) -> torch.
     """[1, H, query_length, length]: T5's bias from query i (at position past + i) to prefix slot m, at
     relative position m - length - (past + i), from the layer-0 module of the query's stack."""
     first = site.handle.modules[site.kind][0]
-    past = site.handle.scratch.get(("past", site.layer), 0) if site.kind == "decoder" else 0
+    past = site.handle.scratch[("past", site.kind, site.layer)]
     return first.compute_bias(query_length, length, device=device, past_seen_tokens=past + length)
 
 
@@ -107,17 +108,17 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
     return out.transpose(1, 2), None
 
 
-def _record_past(handle, layer, module, args, kwargs):
-    """Pre-hook of decoder self-attention: how many tokens the cache held before this call (`past`)."""
+def _record_past(handle, kind, layer, module, args, kwargs):
+    """Pre-hook of self-attention: how many tokens the cache held before this call (`past`)."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the argument's name before transformers 5.24
     past = 0 if cache is None else cache.get_seq_length(module.layer_idx)
     # A static cache counts in a tensor that its update increments in place (T5 clones it too).
-    handle.scratch[("past", layer)] = past.clone() if isinstance(past, torch.Tensor) else past
+    handle.scratch[("past", kind, layer)] = past.clone() if isinstance(past, torch.Tensor) else past
 
 
 def install(model: nn.Module, handle) -> list[RemovableHandle]:
-    return [module.register_forward_pre_hook(partial(_record_past, handle, layer), with_kwargs=True)
-            for layer, module in enumerate(handle.modules.get("decoder", ()))]
+    return [module.register_forward_pre_hook(partial(_record_past, handle, kind, layer), with_kwargs=True)
+            for kind in ("decoder", "encoder") for layer, module in enumerate(handle.modules.get(kind, ()))]
 
 
 FAMILY = Family(
