@@ -77,6 +77,13 @@ class Prefix:
         from .patching import ATTN_IMPLEMENTATION, family_of
 
         family_of(model)
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise TypeError(
+                f"Prefix.from_prompt: {type(model).__name__} is an encoder-decoder model, and a prompt's keys and "
+                "values make a prefix for decoder-only models (LLaMA, Mistral, Qwen2). For T5, pass "
+                "fastprefix.patch a dict {kind: Prefix} of 'encoder', 'decoder', 'cross' prefixes, or train one "
+                "with fastprefix.TrainablePrefix."
+            )
         if getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
             raise RuntimeError(
                 "Prefix.from_prompt: the model is patched by fastprefix, so the prompt would attend to the current "

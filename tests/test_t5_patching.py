@@ -280,6 +280,12 @@ def test_an_encoder_only_model_takes_an_encoder_prefix_and_outlives_its_dropped_
     assert relative_error(out, expected) < 1e-5
 
 
+def test_from_prompt_refuses_an_encoder_decoder_model():
+    model = tiny_t5()
+    with pytest.raises(TypeError, match="T5ForConditionalGeneration is an encoder-decoder model.*TrainablePrefix"):
+        fastprefix.Prefix.from_prompt(model, torch.randint(1, VOCAB, (6,)))
+
+
 def test_a_bare_prefix_goes_to_decoder_self_attention():
     model = tiny_t5()
     prefix = random_prefix(model, "decoder")
