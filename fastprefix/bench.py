@@ -1,4 +1,5 @@
-"""`fastprefix bench`: prefix tuning through fastprefix, PEFT and no prefix, plus an op-level sweep, in one run.
+"""`fastprefix bench`: prefix tuning (LLaMA, T5) through fastprefix, PEFT and no prefix, plus an op-level sweep,
+in one run.
 
 Every workload runs its variants on the same inputs, in one process, and reports the median wall time,
 tokens per second, peak memory allocated during one call, the time ratio to PEFT's variant, and whether
@@ -34,7 +35,7 @@ SWEEP_BATCHES = (1, 4, 16)
 
 @dataclass
 class Settings:
-    model: str = "tiny-llama"
+    model: str = "tiny"
     device: str = "cpu"
     dtype: str = "float32"
     batch: int = 4
@@ -107,18 +108,15 @@ def _prompt_encoder_grads(peft_model) -> list[torch.Tensor]:
     return [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
 
 
-def model_workloads(model: torch.nn.Module, s: Settings) -> list[Workload]:
-    """The prefix-tuning workloads of `model` (train step and generation)."""
-    return causal_lm_workloads(model, s)
-
-
-def causal_lm_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
-    """Prefix-tuning train step and greedy generation of a causal LM: fastprefix vs PEFT vs no prefix."""
+def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
+    """Prefix-tuning train step and greedy generation of a causal LM (LLaMA family) or a seq2seq LM (T5):
+    fastprefix (`from_peft`) vs PEFT vs the model without a prefix, on the same weights and inputs."""
     from peft import PrefixTuningConfig, get_peft_model
 
     device, dtype = torch.device(s.device), getattr(torch, s.dtype)
     base = base.to(device, dtype)
-    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=s.prefix_len)
+    seq2seq = base.config.is_encoder_decoder
+    config = PrefixTuningConfig(task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM", num_virtual_tokens=s.prefix_len)
     peft_model = get_peft_model(copy.deepcopy(base), config)
     fast = from_peft(get_peft_model(copy.deepcopy(base), config))
     fast.peft_model.load_state_dict(peft_model.state_dict())
@@ -130,18 +128,21 @@ def causal_lm_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
     vocab = base.config.vocab_size
 
     ids = torch.randint(1, vocab, (s.batch, s.seq_len), generator=gen).to(device)
+    # A seq2seq model reads ids and is trained on targets of the same length; a causal LM on ids themselves.
+    labels = torch.randint(1, vocab, (s.batch, s.seq_len), generator=gen).to(device) if seq2seq else ids
 
     def train_step(model):
         def step():
             model.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids).loss.backward()
+            model(input_ids=ids, labels=labels).loss.backward()
         return step
 
-    train = Workload(f"{name} train step", s.batch * s.seq_len, {v: train_step(m) for v, m in models.items()})
+    train_tokens = s.batch * s.seq_len * (2 if seq2seq else 1)
+    train = Workload(f"{name} train step", train_tokens, {v: train_step(m) for v, m in models.items()})
     losses = {}
     for variant in ("peft", "fastprefix"):
         models[variant].zero_grad(set_to_none=True)
-        loss = models[variant](input_ids=ids, labels=ids).loss
+        loss = models[variant](input_ids=ids, labels=labels).loss
         loss.backward()
         losses[variant] = (loss.detach(), _prompt_encoder_grads(models[variant].peft_model if variant == "fastprefix"
                                                                else models[variant]))
@@ -151,6 +152,8 @@ def causal_lm_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
     train.matched = {"fastprefix": same, "peft": True, "no prefix": None}
 
     prompts = torch.randint(1, vocab, (s.batch, s.seq_len), generator=gen).to(device)
+    # generate returns the prompt then the new tokens (causal LM), or the decoder start token then them (seq2seq)
+    first_new = 1 if seq2seq else s.seq_len
 
     def generate(model):
         return lambda: _quiet(model.generate, input_ids=prompts, attention_mask=torch.ones_like(prompts),
@@ -158,19 +161,25 @@ def causal_lm_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
 
     generation = Workload(f"{name} generate ({NEW_TOKENS} new tokens)", s.batch * NEW_TOKENS,
                           {v: generate(m) for v, m in models.items()})
-    oracle = _greedy_by_forward(peft_model, prompts)
-    generation.matched = {v: torch.equal(generation.variants[v]()[:, s.seq_len:], oracle) for v in ("fastprefix", "peft")}
+    oracle = _greedy_by_forward(peft_model, prompts, base.config.decoder_start_token_id if seq2seq else None)
+    generation.matched = {v: torch.equal(generation.variants[v]()[:, first_new:], oracle) for v in ("fastprefix", "peft")}
     generation.matched["no prefix"] = None
     return [train, generation]
 
 
 @torch.no_grad()
-def _greedy_by_forward(model, ids: torch.Tensor) -> torch.Tensor:
-    """The generation oracle: greedy tokens from re-running `model`'s forward on the growing sequence."""
-    seq = ids
+def _greedy_by_forward(model, ids: torch.Tensor, decoder_start: int | None) -> torch.Tensor:
+    """The generation oracle: greedy tokens from re-running `model`'s forward on the growing sequence (of a
+    causal LM: the prompt and the tokens so far; of a seq2seq LM: the decoder's, after `ids` as input)."""
+    if decoder_start is None:
+        seq = ids
+        for _ in range(NEW_TOKENS):
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+        return seq[:, ids.shape[1]:]
+    seq = torch.full((ids.shape[0], 1), decoder_start, dtype=ids.dtype, device=ids.device)
     for _ in range(NEW_TOKENS):
-        seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
-    return seq[:, ids.shape[1]:]
+        seq = torch.cat([seq, model(input_ids=ids, decoder_input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+    return seq[:, 1:]
 
 
 def op_workload(batch: int, prefix_len: int, s: Settings) -> Workload:

