@@ -142,6 +142,27 @@ def _comparison(name, actual, expected, same_precision, ratio) -> Comparison:
     return Comparison(name, relative_error(actual, expected), bound)
 
 
+def _forward_comparisons(out, lse, ref_out, ref_lse, same_out, same_lse) -> list[Comparison]:
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse).cpu(), empty.cpu()), "rows that see no key differ from the oracle's"
+    return [_comparison("out", out, ref_out, same_out, ratio=2),
+            _comparison("lse", lse[~empty], ref_lse[~empty], same_lse[~empty], ratio=2)]
+
+
+def compare_forward_to_oracle(inputs: Inputs, backend: str) -> list[Comparison]:
+    """Forward and lse of `backend` under torch.no_grad (inference: on the Triton backend, the decode
+    kernels when there are few queries) against the float64 oracle. Raises AssertionError on a wrong dtype,
+    shape or set of empty rows."""
+    q = inputs.tensors[0]
+    with torch.no_grad():
+        out, lse = prefix_attention(*inputs.tensors, **inputs.options, return_lse=True, backend=backend)
+        ref_out, ref_lse, _ = oracle(inputs)
+        same_out, same_lse, _ = oracle(inputs, dtype=q.dtype)
+    assert out.dtype == q.dtype and out.shape == q.shape, (out.dtype, out.shape)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1], (lse.dtype, lse.shape)
+    return _forward_comparisons(out, lse, ref_out, ref_lse, same_out, same_lse)
+
+
 def compare_to_oracle(inputs: Inputs, backend: str) -> list[Comparison]:
     """Forward, lse and every gradient of `backend` against the float64 oracle, on the same inputs and
     the same random output gradient. Raises AssertionError on a wrong dtype, shape or set of empty rows."""
@@ -156,10 +177,7 @@ def compare_to_oracle(inputs: Inputs, backend: str) -> list[Comparison]:
     same_out, same_lse, same_leaves = oracle(inputs, dtype=q.dtype)
     same_grads = torch.autograd.grad(same_out, same_leaves, dout.to(q.dtype))
 
-    empty = torch.isneginf(ref_lse)
-    assert torch.equal(torch.isneginf(lse).cpu(), empty.cpu()), "rows that see no key differ from the oracle's"
-    result = [_comparison("out", out, ref_out, same_out, ratio=2),
-              _comparison("lse", lse[~empty], ref_lse[~empty], same_lse[~empty], ratio=2)]
+    result = _forward_comparisons(out, lse, ref_out, ref_lse, same_out, same_lse)
     for name, g, rg, sg in zip(GRAD_NAMES, grads, ref_grads, same_grads):
         assert g.shape == rg.shape and g.dtype == q.dtype, (name, g.shape, g.dtype)
         result.append(_comparison(name, g, rg, sg, ratio=3))

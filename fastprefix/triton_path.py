@@ -1,4 +1,13 @@
-"""The Triton path: one autograd.Function over the fused kernels of `fastprefix.kernels`.
+"""The Triton path: the decode kernels for inference on a few queries, else one autograd.Function over the
+general fused kernels of `fastprefix.kernels`.
+
+Dispatch (`decode_reasons`): a call runs the decode kernels (`kernels.decode_forward`: the shared prefix
+read once per tile of stacked queries, split-KV over each row's cache) when it has at most
+`kernels.DECODE_MAX_N` queries per row, needs no gradient (grad mode off, or no input requiring grad), has
+no dropout and a head dim of at most `kernels.DECODE_MAX_HEAD_DIM`. Anything else runs the general kernels,
+which support every feature and backward; a call that needs gradients therefore never reaches the
+forward-only decode kernels. Both compute the same function (the decode result equals the general
+forward's within rounding).
 
 Forward saves q, k, v, the prefix, the mask and bias, out and lse; backward recomputes probabilities in
 the kernels (nothing of size N x (P + S) is stored). The dropout mask is regenerated in backward from the
@@ -55,10 +64,33 @@ class TritonPrefixAttention(torch.autograd.Function):
         return dq, dk, dv, dpk, dpv, dbias, None, None, None, None
 
 
+def decode_reasons(dims: Dims, *, dropout_p: float, needs_grad: bool) -> list[str]:
+    """Why a Triton call runs the general kernels rather than the decode kernels; empty when it runs the
+    decode kernels."""
+    from fastprefix import kernels
+
+    reasons = []
+    if dims.N > kernels.DECODE_MAX_N:
+        reasons.append(f"N = {dims.N} queries per row, the decode kernels take N <= {kernels.DECODE_MAX_N}")
+    if needs_grad:
+        reasons.append("gradients are needed and the decode kernels are forward-only")
+    if dropout_p > 0:
+        reasons.append(f"dropout_p = {dropout_p}, the decode kernels have no dropout")
+    if dims.D > kernels.DECODE_MAX_HEAD_DIM:
+        reasons.append(f"head dim D = {dims.D}, the decode kernels take D <= {kernels.DECODE_MAX_HEAD_DIM}")
+    return reasons
+
+
 def triton_prefix_attention(q, k, v, prefix_k, prefix_v, dims: Dims, *, causal, scale, attn_mask, attn_bias,
                             dropout_p):
     """The Triton path on validated inputs. Returns (out [B, Hq, N, D] in q.dtype, lse [B, Hq, N] float32)."""
     reasons = input_reasons(dims, q.dtype)
     if reasons:
         raise ValueError("prefix_attention: backend 'triton' cannot take these inputs: " + "; ".join(reasons) + ".")
+    inputs = (q, k, v, prefix_k, prefix_v, attn_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if not decode_reasons(dims, dropout_p=dropout_p, needs_grad=needs_grad):
+        from fastprefix import kernels
+
+        return kernels.decode_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, causal=causal, scale=scale)
     return TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, attn_bias, attn_mask, causal, scale, dropout_p)
