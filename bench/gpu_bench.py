@@ -17,11 +17,18 @@
    at Hkv in {32, 8}, N in {1024, 4096}, P in {16, 128, 1024}. Times are medians of
    triton.testing.do_bench. FLOPs count P + S/2 keys per query (causal halves the sequence part);
    forward = 4 B Hq N D keys, backward = 2.5 x forward.
+4. Decode timing (bf16, inference, Hq=32, Hkv=8, D=128, a shared prefix of P=4096 tokens, a per-row cache
+   of S=256 tokens): prefix_attention(..., backend="triton") on N query tokens per row (the decode kernels)
+   against SDPA over per-row copies (each row's cache holds [prefix ; own tokens], as when the prompt's
+   cache is copied to every row; the G query heads of a KV head are passed as G queries of that head, so
+   SDPA reads each copy once per KV head; the faster of its flash and memory-efficient kernels). Memory
+   read: fastprefix reads the prefix once and each row's S keys; the copies are B x (P + S) keys.
 
 Goals (issue 3), checked and printed at the end:
    fused fwd+bwd time <= 1.15 x floor time x (P + S/2) / (S/2)   (the floor plus the prefix's own FLOPs)
    concat+SDPA time >= 1.3 x fused time, for P >= 128 (forward and forward+backward)
    bf16 forward at N = 4096 >= 60% of the dense matmul rate
+   decode at B=64, N=1 >= 5 x faster than SDPA over per-row copies (issue 6)
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from fastprefix import prefix_attention  # noqa: E402
-from fastprefix.testing import Case, compare_to_oracle, make_inputs  # noqa: E402
+from fastprefix.testing import Case, compare_forward_to_oracle, compare_to_oracle, make_inputs  # noqa: E402
 
 CHECK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHECK_VARIANTS = {  # name: Case options
@@ -52,24 +59,38 @@ CHECK_VARIANTS = {  # name: Case options
 }
 GPU_CHECK_SIZE = dict(B=2, Hq=8, Hkv=8, N=300, S=333, P=48, D=128)
 CPU_CHECK_SIZE = dict(B=1, Hq=2, Hkv=2, N=20, S=23, P=5, D=16)
+DECODE_CHECK_VARIANTS = {  # name: Case options; forward only, under no_grad (the decode kernels)
+    "decode-gqa-mask": {"Hkv": 2, "N": 1, "mask": "rows"},
+    "decode-spec4-causal-per_row": {"Hkv": 2, "N": 4, "causal": True, "shared": False},
+}
+GPU_DECODE_CHECK_SIZE = dict(B=24, Hq=8, S=1000, P=700, D=128)
+CPU_DECODE_CHECK_SIZE = dict(B=3, Hq=4, S=20, P=17, D=16)
 
 TIMING_SHAPES = [(hkv, n, p) for hkv in (32, 8) for n in (1024, 4096) for p in (16, 128, 1024)]
 B, HQ, D = 8, 32, 128
+DECODE_SHAPES = [(64, 1), (64, 4), (8, 1)]  # (B, N)
+DECODE_HKV, DECODE_P, DECODE_S = 8, 4096, 256
 
 
 def check(device: str) -> bool:
     """Print one line per (dtype, variant); True when all match the oracle."""
-    size = GPU_CHECK_SIZE if device == "cuda" else CPU_CHECK_SIZE
+    gpu = device == "cuda"
+    size = GPU_CHECK_SIZE if gpu else CPU_CHECK_SIZE
+    decode_size = GPU_DECODE_CHECK_SIZE if gpu else CPU_DECODE_CHECK_SIZE
+    variants = [(name, {**size, **options}, True) for name, options in CHECK_VARIANTS.items()]
+    variants += [(name, {**decode_size, **options}, False) for name, options in DECODE_CHECK_VARIANTS.items()]
     ok = True
     for dtype in CHECK_DTYPES:
-        for name, options in CHECK_VARIANTS.items():
-            case = Case(**{**size, **options})
+        for name, options, backward in variants:
+            case = Case(**options)
             try:
-                bad = [str(c) for c in compare_to_oracle(make_inputs(case, dtype, device), "triton") if not c.ok]
+                compare = compare_to_oracle if backward else compare_forward_to_oracle
+                bad = [str(c) for c in compare(make_inputs(case, dtype, device, requires_grad=backward), "triton")
+                       if not c.ok]
             except AssertionError as error:
                 bad = [str(error)]
             ok &= not bad
-            print(f"check {str(dtype).removeprefix('torch.'):<9} {name:<24} {case}  "
+            print(f"check {str(dtype).removeprefix('torch.'):<9} {name:<28} {case}  "
                   + ("ok" if not bad else "FAIL " + "; ".join(bad)), flush=True)
     return ok
 
@@ -152,6 +173,96 @@ def time_all():
     return rows
 
 
+def decode_providers(b: int, n: int, device: str = "cuda", p: int = DECODE_P, s: int = DECODE_S,
+                     dtype=torch.bfloat16):
+    """(fused, {SDPA kernel: step}) for the decode case, each step() -> out: fastprefix on a shared prefix
+    [Hkv, P, D] and per-row caches [B, Hkv, S, D], and SDPA over per-row copies [B, Hkv, P + S, D]
+    (allocated before timing, as a copied cache would be)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
+    hkv, g = DECODE_HKV, HQ // DECODE_HKV
+    q, k, v = randn(b, HQ, n, D), randn(b, hkv, s, D), randn(b, hkv, s, D)
+    prefix_k, prefix_v = randn(hkv, p, D), randn(hkv, p, D)
+    copies_k = torch.cat([prefix_k.expand(b, -1, -1, -1), k], dim=2)
+    copies_v = torch.cat([prefix_v.expand(b, -1, -1, -1), v], dim=2)
+    # Query i of head h * G + j is row j * N + i of KV head h, so SDPA reads each copy once per KV head; with
+    # N > 1 a bool mask gives query i the lower-right causal window (sequence keys up to S - N + i).
+    grouped_q = q.view(b, hkv, g * n, D)
+    mask = None
+    if n > 1:
+        last_key = p + s - n + torch.arange(n, device=device).repeat(g)
+        mask = torch.arange(p + s, device=device)[None, :] <= last_key[:, None]
+
+    def fused():
+        with torch.no_grad():
+            return prefix_attention(q, k, v, prefix_k, prefix_v, causal=n > 1, backend="triton")
+
+    def sdpa(backend):
+        def step():
+            with torch.no_grad(), sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(grouped_q, copies_k, copies_v, attn_mask=mask)
+            return out.view(b, HQ, n, D)
+        return step
+
+    return fused, {"flash": sdpa(SDPBackend.FLASH_ATTENTION), "efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
+
+
+def usable_baselines(fused, baselines) -> dict:
+    """The SDPA kernels that take these shapes, each checked against fastprefix's output (bf16: 2e-2
+    relative); raises AssertionError on a mismatch."""
+    from fastprefix.testing import relative_error
+
+    expected = fused()
+    usable = {}
+    for name, step in baselines.items():
+        try:
+            out = step()
+        except RuntimeError as error:  # a kernel that refuses these shapes or this device
+            print(f"SDPA {name}: not usable here ({str(error).splitlines()[0]})", flush=True)
+            continue
+        error = relative_error(expected, out)
+        assert error < 2e-2, f"fastprefix decode differs from SDPA {name} over per-row copies: {error:.2e}"
+        usable[name] = step
+    return usable
+
+
+def time_decode():
+    from triton.testing import do_bench
+
+    rows = []
+    for b, n in DECODE_SHAPES:
+        fused, baselines = decode_providers(b, n)
+        baselines = usable_baselines(fused, baselines)
+        row = dict(B=b, N=n, **{"fastprefix ms": do_bench(fused, warmup=25, rep=100, return_mode="median")})
+        sdpa_ms = {name: do_bench(step, warmup=25, rep=100, return_mode="median") for name, step in baselines.items()}
+        best = min(sdpa_ms, key=sdpa_ms.get)
+        row.update({"SDPA ms": sdpa_ms[best], "SDPA kernel": best})
+        kv_bytes = 2 * 2 * D * DECODE_HKV  # K and V, bf16, per token
+        row["fastprefix GB/s"] = kv_bytes * (DECODE_P + b * DECODE_S) / row["fastprefix ms"] / 1e6
+        row["SDPA GB/s"] = kv_bytes * b * (DECODE_P + DECODE_S) / row["SDPA ms"] / 1e6
+        row["speedup"] = row["SDPA ms"] / row["fastprefix ms"]
+        rows.append(row)
+        print(f"timed decode B={b} N={n}", flush=True)
+    return rows
+
+
+def print_decode_table(rows):
+    print(f"\ndecode, bf16, Hq={HQ}, Hkv={DECODE_HKV}, D={D}, shared prefix P={DECODE_P}, per-row cache "
+          f"S={DECODE_S}; GB/s = K/V bytes each reads / time")
+    header = (f"{'B':>4}{'N':>4}{'fused ms':>10}{'fused GB/s':>11}{'SDPA ms':>9}{'SDPA GB/s':>10}{'SDPA kernel':>12}"
+              f"{'speedup':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['B']:>4}{r['N']:>4}{r['fastprefix ms']:>10.3f}{r['fastprefix GB/s']:>11.0f}{r['SDPA ms']:>9.3f}"
+              f"{r['SDPA GB/s']:>10.0f}{r['SDPA kernel']:>12}{r['speedup']:>9.2f}")
+
+
 def print_table(rows, dense_tflops):
     print(f"\nbf16, causal, B={B}, Hq={HQ}, D={D}, S=N, shared prefix with gradient; dense bf16 matmul "
           f"{dense_tflops:.0f} TFLOP/s")
@@ -165,13 +276,14 @@ def print_table(rows, dense_tflops):
               f"{r['concat / fused']:>13.2f}{r['fastprefix peak MiB']:>10.0f}{r['concat+SDPA peak MiB']:>11.0f}")
 
 
-def goals(rows, dense_tflops) -> list[str]:
-    """One line per goal of issue 3, with PASS/FAIL and the worst case."""
+def goals(rows, dense_tflops, decode_rows) -> list[str]:
+    """One line per goal of issues 3 and 6, with PASS/FAIL and the worst case."""
     bwd = [r for r in rows if r["mode"] == "fwd_bwd"]
     worst = max(bwd, key=lambda r: r["vs floor+prefix"])
     big_p = [r for r in rows if r["P"] >= 128]
     slowest = min(big_p, key=lambda r: r["concat / fused"])
     fwd_4k = [r for r in rows if r["mode"] == "fwd" and r["N"] == 4096]
+    decode = next(r for r in decode_rows if r["B"] == 64 and r["N"] == 1)
     weakest = min(fwd_4k, key=lambda r: r["TFLOP/s"])
     return [
         f"{'PASS' if worst['vs floor+prefix'] <= 1.15 else 'FAIL'} fwd+bwd <= 1.15 x (floor + prefix FLOPs): worst "
@@ -181,6 +293,8 @@ def goals(rows, dense_tflops) -> list[str]:
         f"{slowest['mode']}",
         f"{'PASS' if weakest['TFLOP/s'] >= 0.6 * dense_tflops else 'FAIL'} bf16 forward at N=4096 >= 60% of "
         f"{dense_tflops:.0f} TFLOP/s: worst {weakest['TFLOP/s']:.0f} at Hkv={weakest['Hkv']} P={weakest['P']}",
+        f"{'PASS' if decode['speedup'] >= 5 else 'FAIL'} decode B={decode['B']} N=1 >= 5 x faster than SDPA over "
+        f"per-row copies: {decode['speedup']:.2f}",
     ]
 
 
@@ -214,11 +328,14 @@ def main(argv=None) -> int:
         return 2
     dense = matmul_tflops()
     rows = time_all()
+    decode_rows = time_decode()
     print_table(rows, dense)
-    print("\n".join(goals(rows, dense)))
+    print_decode_table(decode_rows)
+    print("\n".join(goals(rows, dense, decode_rows)))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"setup": describe(), "dense_bf16_tflops": dense, "rows": rows}, f, indent=1)
+            json.dump({"setup": describe(), "dense_bf16_tflops": dense, "rows": rows, "decode_rows": decode_rows},
+                      f, indent=1)
     return 0
 
 

@@ -3,10 +3,12 @@
     python -m fastprefix.kernels.report [--json PATH]
 
 Variants: each kernel (forward, backward preprocess, dQ, dK/dV of the sequence or a per-row prefix, dK/dV
-of a shared prefix into fp32 partials, dBias) x features ("plain": none; "all": causal, mask, bias,
-dropout) x every autotune config the pruner can keep at that head dim x D in {64, 128} x fp16/bf16 x
-sm_80/sm_90. Arguments are specialized the way Triton's JIT specializes a typical call (unit last-dim
-strides become constants, pointers and other strides 16-divisible).
+of a shared prefix into fp32 partials, dBias; the decode kernels: shared prefix over stacked queries,
+split-KV over per-row keys, merge of the parts) x features ("plain": none; "all": causal, mask, bias,
+dropout, those the kernel has) x every autotune config the pruner can keep at that head dim (every launch
+config for the decode kernels) x D in {64, 128} x fp16/bf16 x sm_80/sm_90. Arguments are specialized the
+way Triton's JIT specializes a typical call (unit last-dim strides become constants, pointers and other
+strides 16-divisible).
 
 For each variant: registers, shared memory, stack, local memory and local loads/stores in the SASS
 (spills), and the tensor-core instructions present (HMMA: mma.sync, Ampere and later; HGMMA: Hopper
@@ -37,12 +39,14 @@ FEATURES = {
 DEFAULT_LAUNCH = (4, 3)  # (num_warps, num_stages) of a launch that passes neither
 SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}  # shared memory a block may opt into (A100, H100/H200)
 
-_FP32_POINTERS = {"LSE", "DELTA", "LSE2", "DB"}
+_FP32_POINTERS = {"LSE", "DELTA", "LSE2", "DB", "PART_O", "PART_L"}
 _UNIT_STRIDES = {"sqd", "skd", "svd", "spkd", "spvd", "sbc", "sms", "sod", "sdd", "sdod", "sdqd", "sdkd", "sdvd",
-                 "sdbj"}
+                 "sdbj", "spod"}
 _FLOATS = {"scale", "scale_log2", "dropout_p"}
 _SIZES = {"Hq", "G", "N", "S", "P", "n_keys", "col0", "shift", "pairs", "per_chunk", "seed", "TUNE_Q",
-          "TUNE_KV", "Hb", "units_h", "units_m", "units", "out_rows", "chunks"}
+          "TUNE_KV", "Hb", "units_h", "units_m", "units", "out_rows", "chunks", "Hkv", "n_rows", "per_split",
+          "part0", "n_parts"}
+_NO_DOTS = {"bwd_preprocess", "decode_merge"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class Variant:
 
     @property
     def has_dots(self) -> bool:
-        return self.kernel != "bwd_preprocess"
+        return self.kernel not in _NO_DOTS
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Result:
 
 def _kernels():
     """name -> (jit function, constexpr overrides, DK/DV element type or None, name in TUNED or None)."""
+    from fastprefix.kernels import decode_attention as da
     from fastprefix.kernels import prefix_attention as pa
 
     return {
@@ -99,6 +104,9 @@ def _kernels():
         # a prefix is never causal- or attn_mask-masked
         "dkdv_shared_prefix": (pa._dkdv_kernel, {"CAUSAL": False, "HAS_MASK": False}, "fp32", "dkdv"),
         "dbias": (pa._dbias_kernel, {"SUM_COLS": False}, None, None),
+        "decode_prefix": (da._decode_prefix_kernel, {}, None, None),
+        "decode_rows": (da._decode_rows_kernel, {}, None, None),
+        "decode_merge": (da._decode_merge_kernel, {}, None, None),
     }
 
 
@@ -108,12 +116,19 @@ def _constexprs(kernel: str, features: str) -> dict:
 
 def _configs(kernel: str, arch: int, block_d: int, constexprs: dict) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher can use here: the autotune candidates the pruner
-    keeps for a long sequence or for a decoding step, or the fixed launch of an untuned kernel."""
+    keeps for a long sequence or for a decoding step, or the fixed launches of an untuned kernel."""
+    from fastprefix.kernels import decode_attention as da
     from fastprefix.kernels import prefix_attention as pa
 
     tuned = _kernels()[kernel][3]
     if kernel == "bwd_preprocess":
         return [(pa.preprocess_block(block_d), 0, *DEFAULT_LAUNCH)]
+    if kernel == "decode_merge":
+        return [(da.merge_block(block_d), 0, da.MERGE_WARPS, DEFAULT_LAUNCH[1])]
+    if kernel.startswith("decode_"):
+        gathers = constexprs["HAS_MASK"] or constexprs["HAS_BIAS"]
+        return sorted({da.decode_launch(kernel.removeprefix("decode_"), rows, gathers) for rows in (1, 4096)},
+                      reverse=True)
     if tuned is None:
         return [pa.DBIAS_LAUNCH]
     _, candidates, acc_tile, accumulators, resident = pa.TUNED[tuned]

@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
-ALL_KERNELS = {"fwd", "bwd_preprocess", "dq", "dkdv", "dkdv_shared_prefix", "dbias"}
+ALL_KERNELS = {"fwd", "bwd_preprocess", "dq", "dkdv", "dkdv_shared_prefix", "dbias", "decode_prefix", "decode_rows",
+               "decode_merge"}
+NO_DOTS = {"bwd_preprocess", "decode_merge"}
 
 
 def run_without_interpreter(*args, timeout):
@@ -34,7 +36,7 @@ def test_every_variant_is_covered(report):
     assert {v["kernel"] for v in variants} == ALL_KERNELS
     covered = {(v["arch"], v["head_dim"], v["dtype"]) for v in variants}
     assert covered == {(arch, d, dtype) for arch in (80, 90) for d in (64, 128) for dtype in ("fp16", "bf16")}
-    for kernel in ALL_KERNELS - {"bwd_preprocess"}:
+    for kernel in ALL_KERNELS - NO_DOTS:
         assert {v["features"] for v in variants if v["kernel"] == kernel} == {"plain", "all"}, kernel
 
 
@@ -46,9 +48,24 @@ def test_all_compile_without_spills_with_tensor_cores(report):
                 f"{v['block_n']}/{v['num_warps']}w"
         assert not r["error"], where + ": " + r["error"]
         assert r["local_bytes"] == 0 and r["local_accesses"] == 0, where + " spills"
-        if v["kernel"] != "bwd_preprocess":
+        if v["kernel"] not in NO_DOTS:
             assert r["hmma"] + r["hgmma"] > 0, where + " has no tensor-core instruction"
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_stacked_prefix_tiles_are_tensor_core_products(report):
+    """The point of stacking the queries of all rows and heads of a KV group against a shared prefix: QK^T and
+    PV are real matrix products, wgmma (HGMMA) on sm_90 for 64-row tiles, mma.sync (HMMA) on sm_80; both
+    tile sizes the launcher uses (16 rows for a small batch, 64 for more) are in the report."""
+    _, results = report
+    decode = [r for r in results if r["variant"]["kernel"] == "decode_prefix"]
+    assert {r["variant"]["block_m"] for r in decode} == {16, 64}
+    for r in decode:
+        v = r["variant"]
+        if v["arch"] == 90 and v["block_m"] >= 64:
+            assert r["hgmma"] > 0, v
+        else:
+            assert r["hmma"] > 0, v
 
 
 def test_report_flags_a_spilling_variant():
