@@ -63,10 +63,13 @@ class Row:
 
 @dataclass
 class Workload:
+    """`notes`: what a reader of the table needs to know about a mismatch that is not fastprefix's."""
+
     name: str
     tokens: int
     variants: dict[str, Callable[[], object]]
     matched: dict[str, bool | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -121,7 +124,6 @@ def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
     fast = from_peft(get_peft_model(copy.deepcopy(base), config))
     fast.peft_model.load_state_dict(peft_model.state_dict())
     base.requires_grad_(False)
-    base.enable_input_require_grads()
     models = {"fastprefix": fast, "peft": peft_model, "no prefix": base}
     name = base.config.model_type
     gen = torch.Generator().manual_seed(0)
@@ -130,15 +132,23 @@ def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
     ids = torch.randint(1, vocab, (s.batch, s.seq_len), generator=gen).to(device)
     # A seq2seq model reads ids and is trained on targets of the same length; a causal LM on ids themselves.
     labels = torch.randint(1, vocab, (s.batch, s.seq_len), generator=gen).to(device) if seq2seq else ids
+    inputs = {v: dict(input_ids=ids, labels=labels) for v in models}
+    # The floor back-propagates to the activations a prefix needs, from a leaf at the embeddings: the decoder's
+    # alone for seq2seq (PEFT's prefix is in decoder self-attention), every layer's for a causal LM.
+    embed = base.get_input_embeddings()
+    if seq2seq:
+        inputs["no prefix"]["decoder_inputs_embeds"] = embed(base._shift_right(labels)).detach().requires_grad_()
+    else:
+        inputs["no prefix"] = dict(inputs_embeds=embed(ids).detach().requires_grad_(), labels=labels)
 
-    def train_step(model):
+    def train_step(variant):
         def step():
-            model.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=labels).loss.backward()
+            models[variant].zero_grad(set_to_none=True)
+            models[variant](**inputs[variant]).loss.backward()
         return step
 
     train_tokens = s.batch * s.seq_len * (2 if seq2seq else 1)
-    train = Workload(f"{name} train step", train_tokens, {v: train_step(m) for v, m in models.items()})
+    train = Workload(f"{name} train step", train_tokens, {v: train_step(v) for v in models})
     losses = {}
     for variant in ("peft", "fastprefix"):
         models[variant].zero_grad(set_to_none=True)
@@ -162,8 +172,13 @@ def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
     generation = Workload(f"{name} generate ({NEW_TOKENS} new tokens)", s.batch * NEW_TOKENS,
                           {v: generate(m) for v, m in models.items()})
     oracle = _greedy_by_forward(peft_model, prompts, base.config.decoder_start_token_id if seq2seq else None)
-    generation.matched = {v: torch.equal(generation.variants[v]()[:, first_new:], oracle) for v in ("fastprefix", "peft")}
+    tokens = {v: generation.variants[v]()[:, first_new:] for v in models}
+    generation.matched = {v: torch.equal(tokens[v], oracle) for v in ("fastprefix", "peft")}
     generation.matched["no prefix"] = None
+    if not generation.matched["peft"] and torch.equal(tokens["peft"], tokens["no prefix"]):
+        generation.notes.append(f"{generation.name}: PEFT's generate returned the model's tokens without prefix (it "
+                                f"ignores the prefix on this transformers version); the oracle is greedy decoding "
+                                f"by PEFT's forward")
     return [train, generation]
 
 
@@ -235,14 +250,14 @@ def measure(workloads: list[Workload], s: Settings, progress) -> list[Row]:
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
+def format_table(rows: list[Row], notes: list[str] = ()) -> str:
     header = f"{'workload':<42}{'variant':<12}{'time (ms)':>11}{'tokens/s':>11}{'peak MiB':>10}{'vs PEFT':>9}  matched"
     lines = [header, "-" * len(header)]
     for r in rows:
         matched = "-" if r.matched is None else ("yes" if r.matched else "NO")
         lines.append(f"{r.workload:<42}{r.variant:<12}{r.seconds * 1e3:>11.1f}{r.tokens_per_second:>11.0f}"
                      f"{r.peak_bytes / 2**20:>10.1f}{r.ratio_to_peft:>8.2f}x  {matched}")
-    return "\n".join(lines)
+    return "\n".join(lines + [f"note: {note}" for note in notes])
 
 
 def environment(s: Settings) -> dict:
@@ -265,9 +280,9 @@ def environment(s: Settings) -> dict:
             "versions": versions}
 
 
-def write_json(path: str, rows: list[Row], s: Settings) -> None:
+def write_json(path: str, rows: list[Row], s: Settings, notes: list[str] = ()) -> None:
     with open(path, "w") as f:
-        json.dump({"environment": environment(s), "settings": asdict(s),
+        json.dump({"environment": environment(s), "settings": asdict(s), "notes": list(notes),
                    "rows": [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in rows]}, f, indent=2)
 
 

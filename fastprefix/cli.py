@@ -89,9 +89,10 @@ def bench(args) -> int:
     env = b.environment(s)
     print(f"fastprefix bench: {env['device']}, {s.dtype}, batch {s.batch}, prefix {s.prefix_len}, sequence "
           f"{s.seq_len}; median of {s.repeats}; commit {env['commit']}, {env['date']}")
-    print(b.format_table(rows))
+    notes = [note for w in workloads for note in w.notes]
+    print(b.format_table(rows, notes))
     if args.json:
-        b.write_json(args.json, rows, s)
+        b.write_json(args.json, rows, s, notes)
     if args.plot:
         b.plot(args.plot, rows, s)
     return 1 if any(r.matched is False and r.variant == "fastprefix" for r in rows) else 0
