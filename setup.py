@@ -16,7 +16,7 @@ setup(
     ],
     extras_require={
         "bench": ["peft>=0.21", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "peft>=0.21", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "peft>=0.21", "matplotlib", "gguf"],
     },
     entry_points={"console_scripts": ["fastprefix=fastprefix.cli:main"]},
 )

@@ -131,7 +131,7 @@ def _model_arg(text: str) -> str:
 
 
 BENCH_EXAMPLES = """examples:
-  fastprefix bench                                   tiny random models, CPU, about 2 minutes
+  fastprefix bench                                   tiny random LLaMA and T5, CPU, under a minute
   fastprefix bench --json out.json --plot out.png    also machine-readable results and a figure
   fastprefix bench --model smollm2 --batch 8         the real SmolLM2-135M-Instruct
   fastprefix bench --device cuda --dtype bfloat16 --batch 16 --prefix-len 128"""
