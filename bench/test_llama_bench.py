@@ -36,14 +36,6 @@ PROVIDERS = ("fastprefix", "peft", "no_prefix")
 pytestmark = pytest.mark.benchmark(timer=time.process_time)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models():
     """provider -> (callable like a PEFT model, its generate). One random model under all three."""

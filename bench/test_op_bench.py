@@ -39,14 +39,6 @@ PROVIDERS = {"fastprefix": fused, "concat_sdpa": concat_sdpa, "no_prefix": no_pr
 pytestmark = pytest.mark.benchmark(timer=time.process_time)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_op(benchmark, provider, mode):

@@ -33,14 +33,6 @@ B, SUFFIX, PROMPT, NEW_TOKENS = 16, 16, 1024, 32
 pytestmark = pytest.mark.benchmark(timer=time.process_time)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 MODELS = {"tiny-llama": lambda: tiny_llama(),
           "smollm2": lambda: smollm2()[0]}
 

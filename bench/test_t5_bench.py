@@ -45,14 +45,6 @@ GENERATE_PROVIDERS = ("fastprefix", "peft", "no_prefix", "fastprefix_3_kinds")
 pytestmark = pytest.mark.benchmark(timer=time.process_time)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models():
     """provider -> a model called like a PEFT model, with a `generate`. One random model under all of them."""

@@ -11,6 +11,7 @@ import fastprefix
 from fastprefix.backends import unavailable_reasons
 from fastprefix.testing import relative_error
 from llama_helpers import checkpointed_layers, generated_cache, greedy_by_forward, padded_batch, peft_twins, quiet, tiny_model
+from parity_helpers import assert_same_step
 
 HEADS = {"mha": dict(heads=4, kv_heads=4), "gqa": dict(heads=4, kv_heads=2)}
 PROJECTION = {"plain": dict(prefix_projection=False), "projected": dict(prefix_projection=True,
@@ -25,23 +26,6 @@ def heads(request):
 @pytest.fixture(params=list(PROJECTION))
 def projection(request):
     return PROJECTION[request.param]
-
-
-def trainable_grads(peft_model):
-    return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-
-
-def assert_same_step(fast, oracle, batch):
-    """One forward + backward of both; logits and loss < 1e-5, every trainable gradient < 1e-4."""
-    out, ref = fast(**batch), oracle(**batch)
-    assert relative_error(out.logits, ref.logits) < 1e-5
-    assert relative_error(out.loss, ref.loss) < 1e-5
-    out.loss.backward()
-    ref.loss.backward()
-    grads, expected = trainable_grads(fast.peft_model), trainable_grads(oracle)
-    assert grads.keys() == expected.keys() and grads
-    for name in grads:
-        assert relative_error(grads[name], expected[name]) < 1e-4, name
 
 
 def training_batch(generator, lengths=(9, 6, 3), width=9):

@@ -18,6 +18,7 @@ import fastprefix
 from fastprefix import PrefixConfigWarning
 from fastprefix.backends import unavailable_reasons
 from fastprefix.testing import relative_error
+from parity_helpers import assert_same_step
 from t5_helpers import VOCAB, batch, cache_argument, greedy_by_forward, lazy_cache, random_prefix, t5_twins, tiny_t5
 
 GEOMETRIES = {"d_model-40-heads-4x12": dict(), "decoder-3-over-encoder-2": dict(num_decoder_layers=3)}
@@ -41,23 +42,6 @@ def training_batch(submodules, seed):
     if submodules == 1:
         del inputs["attention_mask"]
     return inputs
-
-
-def trainable_grads(peft_model):
-    return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-
-
-def assert_same_step(fast, oracle, inputs):
-    """One forward + backward of both; logits and loss < 1e-5, every trainable gradient < 1e-4."""
-    out, ref = fast(**inputs), oracle(**inputs)
-    assert relative_error(out.logits, ref.logits) < 1e-5
-    assert relative_error(out.loss, ref.loss) < 1e-5
-    out.loss.backward()
-    ref.loss.backward()
-    grads, expected = trainable_grads(fast.peft_model), trainable_grads(oracle)
-    assert grads.keys() == expected.keys() and grads
-    for name in grads:
-        assert relative_error(grads[name], expected[name]) < 1e-4, name
 
 
 @pytest.mark.parametrize("projection", list(PROJECTION))
