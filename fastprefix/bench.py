@@ -107,8 +107,25 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def _prompt_encoder_grads(peft_model) -> list[torch.Tensor]:
-    return [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
+def _loss_and_grads(model, peft_model, inputs: dict) -> list[torch.Tensor]:
+    """[loss, the gradient of every trainable parameter of `peft_model`] after one forward + backward of `model`."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return [loss.detach(), *(p.grad.clone() for p in peft_model.parameters() if p.requires_grad)]
+
+
+def _same_training_step(fast, peft_model, inputs: dict, tol: float) -> bool:
+    """Whether fastprefix's loss and prompt-encoder gradients equal PEFT's: within `tol` relative, or, when
+    not, no farther from a float64 run of PEFT than twice PEFT's own rounding error (deep models: PEFT's
+    float32 gradients can be 1e-4 away from the exact ones while fastprefix's are closer)."""
+    ours, theirs = _loss_and_grads(fast, fast.peft_model, inputs), _loss_and_grads(peft_model, peft_model, inputs)
+    if all(relative_error(a, b) < tol for a, b in zip(ours, theirs)):
+        return True
+    exact_model = copy.deepcopy(peft_model).double()
+    exact = _loss_and_grads(exact_model, exact_model, inputs)
+    return all(relative_error(a.double(), x) <= max(tol, 2 * relative_error(b.double(), x))
+               for a, b, x in zip(ours, theirs, exact))
 
 
 def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
@@ -149,16 +166,7 @@ def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
 
     train_tokens = s.batch * s.seq_len * (2 if seq2seq else 1)
     train = Workload(f"{name} train step", train_tokens, {v: train_step(v) for v in models})
-    losses = {}
-    for variant in ("peft", "fastprefix"):
-        models[variant].zero_grad(set_to_none=True)
-        loss = models[variant](input_ids=ids, labels=labels).loss
-        loss.backward()
-        losses[variant] = (loss.detach(), _prompt_encoder_grads(models[variant].peft_model if variant == "fastprefix"
-                                                               else models[variant]))
-    tol = _tolerance(dtype)
-    same = relative_error(losses["fastprefix"][0], losses["peft"][0]) < tol and all(
-        relative_error(a, b) < tol for a, b in zip(losses["fastprefix"][1], losses["peft"][1]))
+    same = _same_training_step(fast, peft_model, inputs["peft"], _tolerance(dtype))
     train.matched = {"fastprefix": same, "peft": True, "no prefix": None}
 
     prompts = torch.randint(1, vocab, (s.batch, s.seq_len), generator=gen).to(device)
