@@ -11,6 +11,20 @@ from .reference import reference_attention
 
 GRAD_NAMES = ("dq", "dk", "dv", "dprefix_k", "dprefix_v", "dattn_bias")
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# B, Hq, Hkv, N, S, P, D: decoding steps (a few queries per row) against caches of 1 to 1000 keys. Blocks and
+# tiles in the comments are those of the Triton decode kernels under the interpreter (16 x 16).
+DECODE_SHAPES = [
+    (1, 2, 2, 1, 1, 1, 64),       # MHA, one cached key, one prefix token
+    (3, 4, 2, 1, 17, 21, 32),     # GQA, S and P one past a block
+    (2, 4, 1, 1, 257, 16, 32),    # MQA, S one past 16 blocks, P one whole block
+    (2, 8, 2, 1, 1000, 40, 16),   # a long cache: 63 key blocks, split when programs are few
+    (5, 4, 2, 2, 33, 19, 64),     # 2 draft tokens: B * G * N = 20 stacked rows, two tiles, the second partial
+    (3, 6, 2, 4, 9, 17, 80),      # 4 queries, padded head dim, 36 stacked rows
+    (2, 4, 2, 16, 20, 5, 32),     # N = DECODE_MAX_N: G * N = 32 rows per KV head, two row tiles
+    (2, 4, 2, 3, 0, 5, 16),       # no sequence keys
+    (2, 4, 2, 3, 12, 0, 16),      # no prefix
+]
+DECODE_SHAPE_IDS = ["B{}-H{}x{}-N{}-S{}-P{}-D{}".format(*s) for s in DECODE_SHAPES]
 
 
 @dataclass(frozen=True)

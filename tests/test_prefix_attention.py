@@ -5,7 +5,7 @@ import torch
 
 from fastprefix import torch_path
 from fastprefix.segment_attention import Explicit
-from fastprefix.testing import Case, compare_to_oracle, make_inputs
+from fastprefix.testing import DECODE_SHAPE_IDS, DECODE_SHAPES, Case, compare_to_oracle, make_inputs
 
 SHAPES = [  # B, Hq, Hkv, N, S, P, D
     (1, 2, 2, 1, 1, 1, 64),      # one query, one key
@@ -45,6 +45,18 @@ def backend(request, monkeypatch):
 @pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}x{}-N{}-S{}-P{}-D{}".format(*s))
 def test_matches_oracle(backend, shape, feature, shared, dtype):
+    inp = make_inputs(Case(*shape, shared=shared, **FEATURES[feature]), dtype)
+    failures = [str(c) for c in compare_to_oracle(inp, backend) if not c.ok]
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
+@pytest.mark.parametrize("feature", ["plain", "causal", "padmask", "all"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=DECODE_SHAPE_IDS)
+def test_decoding_steps_match_oracle(backend, shape, feature, shared, dtype):
+    """Decoding shapes (1 to 16 queries per row, caches of 1 to 1000 keys): for a shared prefix the torch path
+    stacks the B x G x N queries of a KV head against it in one product."""
     inp = make_inputs(Case(*shape, shared=shared, **FEATURES[feature]), dtype)
     failures = [str(c) for c in compare_to_oracle(inp, backend) if not c.ok]
     assert not failures, failures

@@ -14,26 +14,14 @@ from fastprefix import kernels, prefix_attention
 from fastprefix.checks import Dims
 from fastprefix.kernels import decode_attention as decode
 from fastprefix.kernels import prefix_attention as general
-from fastprefix.testing import (AllocationRecorder, Case, compare_forward_to_oracle, make_inputs,
-                                materialization_violations, oracle, relative_error)
+from fastprefix.testing import (DECODE_SHAPE_IDS, DECODE_SHAPES, AllocationRecorder, Case, compare_forward_to_oracle,
+                                make_inputs, materialization_violations, oracle, relative_error)
 from fastprefix.triton_path import decode_reasons
 from test_triton import _PoisonedTorch, device
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRETED and not torch.cuda.is_available(),
                                 reason="needs a GPU or TRITON_INTERPRET=1 before Triton is imported")
 
-SHAPES = [  # B, Hq, Hkv, N, S, P, D
-    (1, 2, 2, 1, 1, 1, 64),       # MHA, one cached key, one prefix token
-    (3, 4, 2, 1, 17, 21, 32),     # GQA, S and P one past a block
-    (2, 4, 1, 1, 257, 16, 32),    # MQA, S one past 16 blocks, P one whole block
-    (2, 8, 2, 1, 1000, 40, 16),   # a long cache: 63 key blocks, split when programs are few
-    (5, 4, 2, 2, 33, 19, 64),     # 2 draft tokens: B * G * N = 20 stacked rows, two tiles, the second partial
-    (3, 6, 2, 4, 9, 17, 80),      # 4 queries, padded head dim, 36 stacked rows
-    (2, 4, 2, 16, 20, 5, 32),     # N = DECODE_MAX_N: G * N = 32 rows per KV head, two row tiles
-    (2, 4, 2, 3, 0, 5, 16),       # no sequence keys
-    (2, 4, 2, 3, 12, 0, 16),      # no prefix
-]
-SHAPE_IDS = ["B{}-H{}x{}-N{}-S{}-P{}-D{}".format(*s) for s in SHAPES]
 FEATURES = {
     "plain": {},
     "causal": {"causal": True},
@@ -90,7 +78,7 @@ def assert_decode_matches_oracle(inp, spies):
 
 @pytest.mark.parametrize("shared, dtype", LAYOUTS, ids=["shared-fp32", "per_row-fp32", "shared-fp16"])
 @pytest.mark.parametrize("feature", FEATURES)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=DECODE_SHAPE_IDS)
 def test_matches_oracle(shape, feature, shared, dtype, spies):
     case = Case(*shape, shared=shared, **FEATURES[feature])
     assert_decode_matches_oracle(make_inputs(case, dtype, device(), requires_grad=False), spies)
@@ -98,7 +86,7 @@ def test_matches_oracle(shape, feature, shared, dtype, spies):
 
 def test_bfloat16(spies):
     """bf16 dots: the interpreter upcasts their operands; a GPU uses bf16 MMAs."""
-    case = Case(*SHAPES[4], **FEATURES["all"])
+    case = Case(*DECODE_SHAPES[4], **FEATURES["all"])
     assert_decode_matches_oracle(make_inputs(case, torch.bfloat16, device(), requires_grad=False), spies)
 
 
