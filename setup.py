@@ -13,6 +13,7 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "transformers>=5.20",
+        "tqdm",  # the CLI's progress bars
     ],
     extras_require={
         "bench": ["peft>=0.21", "matplotlib"],
