@@ -1,10 +1,12 @@
-"""`fastprefix bench`: prefix tuning (LLaMA, T5) through fastprefix, PEFT and no prefix, plus an op-level sweep,
-in one run.
+"""`fastprefix bench`: prefix tuning (LLaMA, T5) through fastprefix, PEFT and no prefix, generation over a
+shared prompt (LLaMA family), and an op-level sweep, in one run.
 
 Every workload runs its variants on the same inputs, in one process, and reports the median wall time,
-tokens per second, peak memory allocated during one call, the time ratio to PEFT's variant, and whether
-the outputs matched PEFT's (training: loss and prefix gradients; generation: the greedy tokens PEFT's
-forward implies, the oracle, since PEFT's own `generate` drops the prefix on some transformers versions).
+tokens per second, peak memory allocated during one call, the time ratio to the workload's baseline variant
+(PEFT's; for the shared prompt, the prompt's cache copied to every row), and whether the outputs matched
+the workload's oracle (prefix tuning: PEFT's loss and prefix gradients, and the greedy tokens PEFT's forward
+implies, since PEFT's own `generate` drops the prefix on some transformers versions; shared prompt: plain
+transformers on each row's [prompt ; suffix]).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .profiling import peak_cpu_memory
 from .testing import relative_error
 
 NEW_TOKENS = 16
+SHARED_PROMPT_LEN, SUFFIX_LEN = 512, 16
 OP_HEADS, OP_HEAD_DIM = 8, 64
 SWEEP_PREFIX_LENS = (16, 64, 256)
 SWEEP_BATCHES = (1, 4, 16)
@@ -54,7 +57,8 @@ class Row:
     tokens: int
     peak_bytes: int
     matched: bool | None
-    ratio_to_peft: float | None = None
+    baseline: str = "peft"
+    ratio_to_baseline: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -63,13 +67,15 @@ class Row:
 
 @dataclass
 class Workload:
-    """`notes`: what a reader of the table needs to know about a mismatch that is not fastprefix's."""
+    """`baseline`: the variant the others' times are divided by. `notes`: what a reader of the table needs to
+    know about a mismatch that is not fastprefix's."""
 
     name: str
     tokens: int
     variants: dict[str, Callable[[], object]]
     matched: dict[str, bool | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    baseline: str = "peft"
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -130,7 +136,8 @@ def _same_training_step(fast, peft_model, inputs: dict, tol: float) -> bool:
 
 def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
     """Prefix-tuning train step and greedy generation of a causal LM (LLaMA family) or a seq2seq LM (T5):
-    fastprefix (`from_peft`) vs PEFT vs the model without a prefix, on the same weights and inputs."""
+    fastprefix (`from_peft`) vs PEFT vs the model without a prefix, on the same weights and inputs; for a
+    causal LM, generation over a shared prompt too."""
     from peft import PrefixTuningConfig, get_peft_model
 
     device, dtype = torch.device(s.device), getattr(torch, s.dtype)
@@ -187,7 +194,7 @@ def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
         generation.notes.append(f"{generation.name}: PEFT's generate returned the model's tokens without prefix (it "
                                 f"ignores the prefix on this transformers version); the oracle is greedy decoding "
                                 f"by PEFT's forward")
-    return [train, generation]
+    return [train, generation] if seq2seq else [train, generation, shared_prompt_workload(base, s)]
 
 
 @torch.no_grad()
@@ -203,6 +210,76 @@ def _greedy_by_forward(model, ids: torch.Tensor, decoder_start: int | None) -> t
     for _ in range(NEW_TOKENS):
         seq = torch.cat([seq, model(input_ids=ids, decoder_input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
     return seq[:, 1:]
+
+
+def _generate_tokens(model, ids: torch.Tensor, new_tokens: int, **kwargs):
+    """(the new tokens [B, new_tokens] of greedy generation, the cache generate returns)."""
+    out = _quiet(model.generate, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                 do_sample=False, pad_token_id=0, return_dict_in_generate=True, **kwargs)
+    return out.sequences[:, -new_tokens:], out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def _prompt_kv_bytes(cache, prompt_len: int) -> int:
+    return sum(t[:, :, :prompt_len].numel() * t.element_size() for layer in cache.layers
+               for t in (layer.keys, layer.values))
+
+
+def shared_prompt_providers(model, prompt: torch.Tensor, suffixes: torch.Tensor,
+                            new_tokens: int) -> dict[str, Callable]:
+    """Batch generation over one shared prompt [P] for the suffixes [B, n], three ways; each run() -> (new
+    tokens [B, new_tokens], bytes of the prompt's keys and values held during generation):
+
+    * "fastprefix": `Prefix.from_prompt`, then `generate` on the suffixes under `patched`; the prompt's keys
+      and values are stored once, and the rows' caches hold no prompt rows (asserted);
+    * "concat rows": plain `generate` on the B rows [prompt ; suffix] (the prompt computed B times);
+    * "copied cache": the prompt run once, its cache repeated to B rows, then `generate` on [prompt ; suffix]
+      continuing from it.
+    """
+    from .patching import patched
+    from .prefix import Prefix
+
+    B, P = suffixes.shape[0], prompt.shape[0]
+    rows = torch.cat([prompt.expand(B, -1), suffixes], dim=1)
+
+    def fastprefix_run():
+        prefix = Prefix.from_prompt(model, prompt)
+        with patched(model, prefix):
+            tokens, cache = _generate_tokens(model, suffixes, new_tokens)
+        assert all(layer.keys.shape[-2] == suffixes.shape[1] + new_tokens - 1 for layer in cache.layers)
+        return tokens, sum(t.numel() * t.element_size() for t in prefix.keys + prefix.values)
+
+    def concat_rows():
+        tokens, cache = _generate_tokens(model, rows, new_tokens)
+        return tokens, _prompt_kv_bytes(cache, P)
+
+    def copied_cache():
+        with torch.no_grad():
+            output = model.base_model(input_ids=prompt[None], use_cache=True)
+        cache = output["cache"] if "cache" in output else output["past_key_values"]
+        cache.batch_repeat_interleave(B)
+        tokens, cache = _generate_tokens(model, rows, new_tokens, past_key_values=cache)
+        return tokens, _prompt_kv_bytes(cache, P)
+
+    return {"fastprefix": fastprefix_run, "copied cache": copied_cache, "concat rows": concat_rows}
+
+
+def shared_prompt_workload(model: torch.nn.Module, s: Settings) -> Workload:
+    """Greedy generation for `s.batch` suffixes of SUFFIX_LEN tokens sharing a SHARED_PROMPT_LEN-token prompt:
+    fastprefix vs the prompt's cache copied to every row (the baseline) vs the prompt recomputed per row."""
+    device = torch.device(s.device)
+    model = model.to(device, getattr(torch, s.dtype))
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(3, vocab, (SHARED_PROMPT_LEN,), generator=gen).to(device)
+    suffixes = torch.randint(3, vocab, (s.batch, SUFFIX_LEN), generator=gen).to(device)
+    providers = shared_prompt_providers(model, prompt, suffixes, NEW_TOKENS)
+    workload = Workload(f"{model.config.model_type} generate, shared {SHARED_PROMPT_LEN}-token prompt",
+                        s.batch * NEW_TOKENS, {v: (lambda run=run: run()[0]) for v, run in providers.items()},
+                        baseline="copied cache")
+    oracle = workload.variants["concat rows"]()
+    workload.matched = {v: torch.equal(workload.variants[v](), oracle) for v in ("fastprefix", "copied cache")}
+    workload.matched["concat rows"] = True  # the oracle: plain transformers on each row's [prompt ; suffix]
+    return workload
 
 
 def op_workload(batch: int, prefix_len: int, s: Settings) -> Workload:
@@ -242,30 +319,34 @@ def sweep_points(s: Settings) -> list[tuple[int, int]]:
 
 
 def measure(workloads: list[Workload], s: Settings, progress) -> list[Row]:
-    """Time and peak memory of every variant; ratios to each workload's PEFT variant."""
+    """Time and peak memory of every variant; time ratios to each workload's baseline variant."""
     device = torch.device(s.device)
     rows = []
     for w in workloads:
         for variant, fn in w.variants.items():
             progress.set_description(f"{w.name}: {variant}")
             seconds = _median_seconds(fn, s.repeats, device)
-            rows.append(Row(w.name, variant, seconds, w.tokens, _peak_bytes(fn, device), w.matched.get(variant)))
+            rows.append(Row(w.name, variant, seconds, w.tokens, _peak_bytes(fn, device), w.matched.get(variant),
+                            w.baseline))
             progress.update(1)
-        peft = next(r for r in rows if r.workload == w.name and r.variant == "peft")
+        base = next(r for r in rows if r.workload == w.name and r.variant == w.baseline)
         for r in rows:
             if r.workload == w.name:
-                r.ratio_to_peft = r.seconds / peft.seconds
+                r.ratio_to_baseline = r.seconds / base.seconds
     return rows
 
 
 def format_table(rows: list[Row], notes: list[str] = ()) -> str:
-    header = f"{'workload':<42}{'variant':<12}{'time (ms)':>11}{'tokens/s':>11}{'peak MiB':>10}{'vs PEFT':>9}  matched"
+    header = (f"{'workload':<42}{'variant':<14}{'time (ms)':>11}{'tokens/s':>11}{'peak MiB':>10}{'vs base':>9}"
+              "  matched")
     lines = [header, "-" * len(header)]
     for r in rows:
         matched = "-" if r.matched is None else ("yes" if r.matched else "NO")
-        lines.append(f"{r.workload:<42}{r.variant:<12}{r.seconds * 1e3:>11.1f}{r.tokens_per_second:>11.0f}"
-                     f"{r.peak_bytes / 2**20:>10.1f}{r.ratio_to_peft:>8.2f}x  {matched}")
-    return "\n".join(lines + [f"note: {note}" for note in notes])
+        lines.append(f"{r.workload:<42}{r.variant:<14}{r.seconds * 1e3:>11.1f}{r.tokens_per_second:>11.0f}"
+                     f"{r.peak_bytes / 2**20:>10.1f}{r.ratio_to_baseline:>8.2f}x  {matched}")
+    legend = ("vs base: time over the workload's baseline: PEFT (\"peft\"; in the attention sweep, the prefix copied\n"
+              "per row and concatenated), or for the shared prompt, the prompt's cache copied to every row")
+    return "\n".join(lines + [legend] + [f"note: {note}" for note in notes])
 
 
 def environment(s: Settings) -> dict:

@@ -60,13 +60,17 @@ def test_bench_writes_json_and_plot(tmp_path, capsys):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert cli.main(TINY_BENCH + ["--json", str(out_json), "--plot", str(out_png)]) == 0
     table = capsys.readouterr().out
-    for workload in ("llama train step", "llama generate", "t5 train step", "t5 generate", "attention fwd+bwd"):
+    for workload in ("llama train step", "llama generate (", "llama generate, shared", "t5 train step", "t5 generate",
+                     "attention fwd+bwd"):
         assert workload in table, workload
     result = json.loads(out_json.read_text())
     assert result["environment"]["versions"]["torch"] == torch.__version__
     assert result["settings"]["batch"] == 2
     rows = result["rows"]
-    assert {r["variant"] for r in rows} == {"fastprefix", "peft", "no prefix"}
+    assert {r["variant"] for r in rows} == {"fastprefix", "peft", "no prefix", "copied cache", "concat rows"}
+    for r in rows:
+        baseline = next(b for b in rows if b["workload"] == r["workload"] and b["variant"] == r["baseline"])
+        assert r["ratio_to_baseline"] == pytest.approx(r["seconds"] / baseline["seconds"])
     for r in rows:
         assert r["seconds"] > 0 and r["tokens_per_second"] > 0 and r["peak_bytes"] > 0, r
     assert all(r["matched"] for r in rows if r["variant"] == "fastprefix")
