@@ -44,7 +44,7 @@ class Settings:
     batch: int = 4
     prefix_len: int = 20
     seq_len: int = 128
-    repeats: int = 5
+    repeats: int = 11
 
 
 @dataclass

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     sub.add_argument("--batch", type=_positive, default=4, help="rows per batch (default: 4)")
     sub.add_argument("--prefix-len", type=_positive, default=20, help="prefix tokens P (default: 20)")
     sub.add_argument("--seq-len", type=_positive, default=128, help="tokens per row (default: 128)")
-    sub.add_argument("--repeats", type=_positive, default=5, help="timed runs per variant; the median is shown")
+    sub.add_argument("--repeats", type=_positive, default=11, help="timed runs per variant; the median is shown")
     sub.add_argument("--json", metavar="PATH", help="also write the results and the environment as JSON")
     sub.add_argument("--plot", metavar="PATH.png", help="also plot time and memory vs prefix length and batch size")
     sub.set_defaults(run=bench)
