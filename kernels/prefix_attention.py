@@ -156,6 +156,35 @@ def _fwd_stage(acc, l_i, m_i, q, k_base, v_base, skn, svn, k_tile, v_tile, lo, h
     return acc, l_i, m_i
 
 
+@triton.jit
+def _query_tile(Hq, G, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """The tile of a forward or dQ program: query rows [pid0 * BLOCK_M, + BLOCK_M) of query head pid1 of row
+    pid2. Returns (bh, b, h, hkv, m0, offs_m, offs_n, offs_d, d_ok, rows_ok, qi, qi64)."""
+    bh = tl.program_id(2) * Hq + tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    m0 = tl.program_id(0) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    qi = offs_m[:, None]
+    return (bh, b, h, h // G, m0, offs_m, tl.arange(0, BLOCK_N), offs_d, offs_d < HEAD_DIM, offs_m < N, qi,
+            qi.to(tl.int64))
+
+
+@triton.jit
+def _sequence_ranges(m0, shift, S, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full_hi, hi) for the query tile starting at row m0: sequence keys [0, full_hi) are seen in full by
+    every row of the tile (no per-element mask), [full_hi, hi) need the mask, keys from hi on are hidden from
+    every row (causal, query i sees key j iff j <= i + shift)."""
+    full_hi = S // BLOCK_N * BLOCK_N
+    hi = S
+    if CAUSAL:
+        full_hi = tl.minimum(tl.maximum(m0 + shift + 1, 0) // BLOCK_N * BLOCK_N, full_hi)
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + shift, 0), S)
+    return full_hi, hi
+
+
 @triton.jit(do_not_specialize=["seed", "TUNE_Q", "TUNE_KV"])
 def _fwd_kernel(Q, K, V, PK, PV, BIAS, MASK, OUT, LSE,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -166,19 +195,8 @@ def _fwd_kernel(Q, K, V, PK, PV, BIAS, MASK, OUT, LSE,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One program: BLOCK_M query rows of one (row b, query head h). Writes out and lse (natural log)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(2) * Hq + tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    hkv = h // G
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    rows_ok = offs_m < N
-    qi = offs_m[:, None]
-    qi64 = qi.to(tl.int64)
+    bh, b, h, hkv, m0, offs_m, offs_n, offs_d, d_ok, rows_ok, qi, qi64 = _query_tile(
+        Hq, G, N, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
 
     q = _load_rows(Q + b * sqb + h * sqh + qi64 * sqn + offs_d[None, :] * sqd, rows_ok, d_ok, True,
                    BLOCK_D != HEAD_DIM)
@@ -197,12 +215,7 @@ def _fwd_kernel(Q, K, V, PK, PV, BIAS, MASK, OUT, LSE,
         dropout_p, BLOCK_M, BLOCK_N, True, False, HAS_BIAS, False, DROPOUT, BLOCK_D != HEAD_DIM, UPCAST,
         PRECISION)
 
-    # Sequence keys: blocks every row of the tile sees in full need no per-element mask.
-    full_hi = S // BLOCK_N * BLOCK_N
-    hi = S
-    if CAUSAL:
-        full_hi = tl.minimum(tl.maximum(m0 + shift + 1, 0) // BLOCK_N * BLOCK_N, full_hi)
-        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + shift, 0), S)
+    full_hi, hi = _sequence_ranges(m0, shift, S, CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
     k_tile = offs_n[:, None] * skn + offs_d[None, :] * skd
@@ -288,19 +301,8 @@ def _dq_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DQ,
                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One program: dQ for BLOCK_M query rows of one (b, h), over prefix then sequence keys."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(2) * Hq + tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    hkv = h // G
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    rows_ok = offs_m < N
-    qi = offs_m[:, None]
-    qi64 = qi.to(tl.int64)
+    bh, b, h, hkv, m0, offs_m, offs_n, offs_d, d_ok, rows_ok, qi, qi64 = _query_tile(
+        Hq, G, N, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
 
     q = _load_rows(Q + b * sqb + h * sqh + qi64 * sqn + offs_d[None, :] * sqd, rows_ok, d_ok, True,
                    BLOCK_D != HEAD_DIM)
@@ -322,11 +324,7 @@ def _dq_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DQ,
         dropout_p, BLOCK_M, BLOCK_N, True, False, HAS_BIAS, False, DROPOUT, BLOCK_D != HEAD_DIM, UPCAST,
         PRECISION)
 
-    full_hi = S // BLOCK_N * BLOCK_N
-    hi = S
-    if CAUSAL:
-        full_hi = tl.minimum(tl.maximum(m0 + shift + 1, 0) // BLOCK_N * BLOCK_N, full_hi)
-        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + shift, 0), S)
+    full_hi, hi = _sequence_ranges(m0, shift, S, CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
     k_tile = offs_n[:, None] * skn + offs_d[None, :] * skd
