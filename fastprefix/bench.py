@@ -24,10 +24,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .compat import cache_argument, cache_of
 from .ops import prefix_attention
+from .patching import patched
 from .peft_interop import from_peft
+from .prefix import Prefix
 from .profiling import peak_cpu_memory
-from .testing import relative_error
+from .testing import greedy_by_forward, relative_error
 
 NEW_TOKENS = 16
 SHARED_PROMPT_LEN, SUFFIX_LEN = 512, 16
@@ -186,7 +189,7 @@ def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
 
     generation = Workload(f"{name} generate ({NEW_TOKENS} new tokens)", s.batch * NEW_TOKENS,
                           {v: generate(m) for v, m in models.items()})
-    oracle = _greedy_by_forward(peft_model, prompts, base.config.decoder_start_token_id if seq2seq else None)
+    oracle = greedy_by_forward(peft_model, prompts, NEW_TOKENS, base.config.decoder_start_token_id if seq2seq else None)
     tokens = {v: generation.variants[v]()[:, first_new:] for v in models}
     generation.matched = {v: torch.equal(tokens[v], oracle) for v in ("fastprefix", "peft")}
     generation.matched["no prefix"] = None
@@ -197,26 +200,11 @@ def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
     return [train, generation] if seq2seq else [train, generation, shared_prompt_workload(base, s)]
 
 
-@torch.no_grad()
-def _greedy_by_forward(model, ids: torch.Tensor, decoder_start: int | None) -> torch.Tensor:
-    """The generation oracle: greedy tokens from re-running `model`'s forward on the growing sequence (of a
-    causal LM: the prompt and the tokens so far; of a seq2seq LM: the decoder's, after `ids` as input)."""
-    if decoder_start is None:
-        seq = ids
-        for _ in range(NEW_TOKENS):
-            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
-        return seq[:, ids.shape[1]:]
-    seq = torch.full((ids.shape[0], 1), decoder_start, dtype=ids.dtype, device=ids.device)
-    for _ in range(NEW_TOKENS):
-        seq = torch.cat([seq, model(input_ids=ids, decoder_input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
-    return seq[:, 1:]
-
-
 def _generate_tokens(model, ids: torch.Tensor, new_tokens: int, **kwargs):
     """(the new tokens [B, new_tokens] of greedy generation, the cache generate returns)."""
     out = _quiet(model.generate, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                  do_sample=False, pad_token_id=0, return_dict_in_generate=True, **kwargs)
-    return out.sequences[:, -new_tokens:], out.cache if hasattr(out, "cache") else out.past_key_values
+    return out.sequences[:, -new_tokens:], cache_of(out)
 
 
 def _prompt_kv_bytes(cache, prompt_len: int) -> int:
@@ -235,9 +223,6 @@ def shared_prompt_providers(model, prompt: torch.Tensor, suffixes: torch.Tensor,
     * "copied cache": the prompt run once, its cache repeated to B rows, then `generate` on [prompt ; suffix]
       continuing from it.
     """
-    from .patching import patched
-    from .prefix import Prefix
-
     B, P = suffixes.shape[0], prompt.shape[0]
     rows = torch.cat([prompt.expand(B, -1), suffixes], dim=1)
 
@@ -254,10 +239,9 @@ def shared_prompt_providers(model, prompt: torch.Tensor, suffixes: torch.Tensor,
 
     def copied_cache():
         with torch.no_grad():
-            output = model.base_model(input_ids=prompt[None], use_cache=True)
-        cache = output["cache"] if "cache" in output else output["past_key_values"]
+            cache = cache_of(model.base_model(input_ids=prompt[None], use_cache=True))
         cache.batch_repeat_interleave(B)
-        tokens, cache = _generate_tokens(model, rows, new_tokens, past_key_values=cache)
+        tokens, cache = _generate_tokens(model, rows, new_tokens, **{cache_argument(model): cache})
         return tokens, _prompt_kv_bytes(cache, P)
 
     return {"fastprefix": fastprefix_run, "copied cache": copied_cache, "concat rows": concat_rows}

@@ -32,7 +32,8 @@ class Dims:
         return self.Hq // self.Hkv
 
 
-def _shape(t: torch.Tensor) -> str:
+def shape_text(t: torch.Tensor) -> str:
+    """A tensor's shape as messages print it: [2, 4, 16]."""
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
@@ -44,14 +45,15 @@ def _require_tensor(name: str, t) -> None:
 def _require_rank(name: str, t: torch.Tensor, ranks: tuple[int, ...], layout: str) -> None:
     if t.dim() not in ranks:
         raise ValueError(
-            f"prefix_attention: `{name}` must be {layout}, got a {t.dim()}-D tensor of shape {_shape(t)}."
+            f"prefix_attention: `{name}` must be {layout}, got a {t.dim()}-D tensor of shape {shape_text(t)}."
         )
 
 
 def _require_size(name: str, t: torch.Tensor, dim: int, expected: int, what: str, fix: str) -> None:
     if t.shape[dim] != expected:
         raise ValueError(
-            f"prefix_attention: `{name}` has {what} = {t.shape[dim]} (shape {_shape(t)}), expected {expected}. {fix}"
+            f"prefix_attention: `{name}` has {what} = {t.shape[dim]} (shape {shape_text(t)}), expected {expected}. "
+            f"{fix}"
         )
 
 
@@ -61,13 +63,27 @@ def _require_broadcastable(name: str, t: torch.Tensor, target: tuple[int, ...], 
     )
     if not ok:
         raise ValueError(
-            f"prefix_attention: `{name}` of shape {_shape(t)} does not broadcast to {layout} = "
+            f"prefix_attention: `{name}` of shape {shape_text(t)} does not broadcast to {layout} = "
             f"[{', '.join(map(str, target))}]. Each dimension must be 1 or equal to the target size."
         )
 
 
 def check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, scale) -> tuple[Dims, float]:
     """Validate a `prefix_attention` call. Returns its `Dims` and the resolved softmax scale."""
+    _check_tensors(q, k, v, prefix_k, prefix_v)
+    dims = _check_sizes(q, k, v, prefix_k, prefix_v)
+    _check_mask_and_bias(q, attn_mask, attn_bias, dims)
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"prefix_attention: `dropout_p` must be a number in [0, 1), got {dropout_p!r}.")
+    if scale is None:
+        scale = dims.D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"prefix_attention: `scale` must be a finite number or None (D ** -0.5), got {scale!r}.")
+    return dims, float(scale)
+
+
+def _check_tensors(q, k, v, prefix_k, prefix_v) -> None:
+    """Types, ranks, dtypes and devices of the five tensors."""
     for name, t in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _require_tensor(name, t)
     _require_rank("q", q, (4,), "[B, Hq, N, D]")
@@ -78,10 +94,9 @@ def check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, s
     _require_rank("prefix_v", prefix_v, (3, 4), layout)
     if prefix_k.dim() != prefix_v.dim():
         raise ValueError(
-            f"prefix_attention: `prefix_k` {_shape(prefix_k)} and `prefix_v` {_shape(prefix_v)} must both be "
+            f"prefix_attention: `prefix_k` {shape_text(prefix_k)} and `prefix_v` {shape_text(prefix_v)} must both be "
             "shared [Hkv, P, D] or both per-row [B, Hkv, P, D]."
         )
-
     if q.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"prefix_attention: `q` must be float16, bfloat16, float32 or float64, got {q.dtype}."
@@ -98,12 +113,15 @@ def check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, s
                 f"Move it with `{name}.to({str(q.device)!r})`."
             )
 
+
+def _check_sizes(q, k, v, prefix_k, prefix_v) -> Dims:
+    """Sizes that agree across the five tensors."""
     B, Hq, N, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if B == 0 or Hq == 0 or N == 0 or D == 0:
-        raise ValueError(f"prefix_attention: `q` must be non-empty in every dimension, got shape {_shape(q)}.")
+        raise ValueError(f"prefix_attention: `q` must be non-empty in every dimension, got shape {shape_text(q)}.")
     if Hkv == 0:
-        raise ValueError(f"prefix_attention: `k` must have at least one head, got shape {_shape(k)}.")
+        raise ValueError(f"prefix_attention: `k` must have at least one head, got shape {shape_text(k)}.")
     for name, t in (("k", k), ("v", v)):
         _require_size(name, t, 0, B, "batch size", "k and v need one row per row of q.")
         _require_size(name, t, 3, D, "head dim", "q, k and v must share the head dim D.")
@@ -114,7 +132,6 @@ def check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, s
             f"prefix_attention: `q` has {Hq} heads, which is not a multiple of the {Hkv} KV heads of `k`. "
             "Grouped-query attention needs Hq % Hkv == 0."
         )
-
     shared = prefix_k.dim() == 3
     head = 0 if shared else 1
     if not shared:
@@ -126,7 +143,10 @@ def check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, s
         _require_size(name, t, head + 2, D, "head dim", "The prefix must have the head dim D of q and k.")
     P = prefix_k.shape[head + 1]
     _require_size("prefix_v", prefix_v, head + 1, P, "prefix length", "prefix_k and prefix_v must have the same P.")
+    return Dims(B, Hq, Hkv, N, S, P, D, shared)
 
+
+def _check_mask_and_bias(q, attn_mask, attn_bias, dims: Dims) -> None:
     if attn_mask is not None:
         _require_tensor("attn_mask", attn_mask)
         if attn_mask.dtype != torch.bool:
@@ -136,7 +156,7 @@ def check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, s
             )
         if attn_mask.device != q.device:
             raise ValueError(f"prefix_attention: `attn_mask` is on {attn_mask.device} but `q` is on {q.device}.")
-        _require_broadcastable("attn_mask", attn_mask, (B, Hq, N, S), "[B, Hq, N, S]")
+        _require_broadcastable("attn_mask", attn_mask, (dims.B, dims.Hq, dims.N, dims.S), "[B, Hq, N, S]")
     if attn_bias is not None:
         _require_tensor("attn_bias", attn_bias)
         if attn_bias.dtype != q.dtype:
@@ -146,12 +166,5 @@ def check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, s
             )
         if attn_bias.device != q.device:
             raise ValueError(f"prefix_attention: `attn_bias` is on {attn_bias.device} but `q` is on {q.device}.")
-        _require_broadcastable("attn_bias", attn_bias, (B, Hq, N, P + S), "[B, Hq, N, P + S]")
-
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"prefix_attention: `dropout_p` must be a number in [0, 1), got {dropout_p!r}.")
-    if scale is None:
-        scale = D ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"prefix_attention: `scale` must be a finite number or None (D ** -0.5), got {scale!r}.")
-    return Dims(B, Hq, Hkv, N, S, P, D, shared), float(scale)
+        _require_broadcastable("attn_bias", attn_bias, (dims.B, dims.Hq, dims.N, dims.P + dims.S),
+                               "[B, Hq, N, P + S]")

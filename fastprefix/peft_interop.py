@@ -14,7 +14,7 @@ values at 2l + 1), placed where PEFT's cache places them:
   slots are never used), and neither the encoder nor cross-attention sees a prefix.
 * seq2seq LM with `num_transformer_submodules=1`: PEFT puts slots 2l, 2l + 1 in a plain `DynamicCache` that T5's
   decoder layer l shares between self- and cross-attention; fastprefix reproduces that (see
-  `models.t5.shared_cache_attention`), and `validate` warns about what it means.
+  `shared_cache_attention`), and `validate` warns about what it means.
 
 The base model is patched (`patching`) for as long as the returned module is in use, so gradients reach
 PEFT's own parameters, gradient checkpointing works (the prefix is not in the cache that checkpointing
@@ -23,13 +23,42 @@ disables), and `generate` keeps the prefix out of its cache.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from .models import t5
-from .patching import family_of, patch_family
+from .compat import CACHE_ARGUMENTS
+from .models import family_of, t5
+from .patching import patch_family
 from .prefix import Prefix
-from .validate import _value, validate
+from .validate import enum_value, validate
+
+
+def shared_cache_attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, site, **kwargs):
+    """T5's `attention` as PEFT 0.21 runs T5 with `num_transformer_submodules=1`.
+
+    PEFT then hands T5 a plain `DynamicCache` holding the prefix, and T5's decoder layer l uses that one cache
+    layer for both attentions: self-attention appends the decoder's keys/values to it, then cross-attention
+    appends the encoder's and attends to all of it. So cross-attention sees [prefix ; the decoder's keys of
+    this layer, every position, later ones included ; the encoder's keys], without relative bias, the
+    encoder's padding mask applying to encoder columns (PEFT itself fails on a padded encoder batch: its
+    mask does not cover the extra columns). Self-attention stashes its keys and values (the cache's and this
+    call's) for the cross-attention of the same layer, which runs next.
+    """
+    if site.kind == "decoder":
+        site.state.scratch[("decoder_kv", site.layer)] = (key, value)
+    elif site.kind == "cross":
+        decoder_k, decoder_v = site.state.scratch.pop(("decoder_kv", site.layer))
+        key, value = torch.cat([decoder_k, key], dim=2), torch.cat([decoder_v, value], dim=2)
+        if attention_mask is not None:
+            visible = attention_mask.new_ones(*attention_mask.shape[:-1], decoder_k.shape[2])
+            attention_mask = torch.cat([visible, attention_mask], dim=-1)
+    return t5.attention(module, query, key, value, attention_mask, prefix_k, prefix_v, site=site, **kwargs)
+
+
+PEFT_SHARED_CACHE_FAMILY = dataclasses.replace(t5.FAMILY, name="T5 (PEFT's num_transformer_submodules=1 layout)",
+                                               attention=shared_cache_attention)
 
 
 def _reentrant_checkpointing(model: nn.Module) -> bool:
@@ -54,16 +83,16 @@ class PeftPrefixModel(nn.Module):
     refused); `unpatch()` hands `peft_model` back unchanged.
     """
 
-    def __init__(self, peft_model):
+    def __init__(self, peft_model, backend: str = "auto"):
         super().__init__()
         self.peft_model = peft_model
         config = peft_model.active_peft_config
-        self._seq2seq = _value(config.task_type) == "SEQ_2_SEQ_LM"
+        self._seq2seq = enum_value(config.task_type) == "SEQ_2_SEQ_LM"
         self._shared_cache = self._seq2seq and config.num_transformer_submodules == 1
         base = peft_model.get_base_model()
-        family = t5.PEFT_SHARED_CACHE_FAMILY if self._shared_cache else family_of(base)
+        family = PEFT_SHARED_CACHE_FAMILY if self._shared_cache else family_of(base)
         with torch.no_grad():
-            self._handle = patch_family(base, self.prefix(), family)
+            self._handle = patch_family(base, self.prefix(), family, backend)
         self._guard = peft_model.register_forward_pre_hook(_refuse_direct_call)
 
     def prefix(self) -> Prefix | dict[str, Prefix]:
@@ -120,7 +149,7 @@ class PeftPrefixModel(nn.Module):
         self._require_patched()
         if self._shared_cache:
             given = ["use_cache=True"] * bool(kwargs.get("use_cache")) + [
-                name for name in ("past_key_values", "cache") if kwargs.get(name) is not None]
+                name for name in CACHE_ARGUMENTS if kwargs.get(name) is not None]
             if given:
                 raise ValueError(
                     f"fastprefix: generate got {', '.join(given)}, but with num_transformer_submodules=1 every decoder "
@@ -151,10 +180,11 @@ def _refuse_direct_call(module, args):
     )
 
 
-def from_peft(peft_model) -> PeftPrefixModel:
+def from_peft(peft_model, *, backend: str = "auto") -> PeftPrefixModel:
     """Wrap a `PeftModelForCausalLM` or `PeftModelForSeq2SeqLM` with a `PrefixTuningConfig` so it runs on
-    fastprefix (see `PeftPrefixModel`). Checks the config against the model first (`validate`), so a config
-    PEFT would fail on deep inside a forward is refused here with the fix."""
+    fastprefix (see `PeftPrefixModel`), every attention call on `backend` (as in `patch`). Checks the config
+    against the model first (`validate`), so a config PEFT would fail on deep inside a forward is refused here
+    with the fix."""
     from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
 
     if not isinstance(peft_model, (PeftModelForCausalLM, PeftModelForSeq2SeqLM)):
@@ -164,4 +194,4 @@ def from_peft(peft_model) -> PeftPrefixModel:
             f"{type(peft_model).__name__}."
         )
     validate(peft_model.active_peft_config, peft_model.get_base_model())
-    return PeftPrefixModel(peft_model)
+    return PeftPrefixModel(peft_model, backend)

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import shape_text
+from .models import ATTN_IMPLEMENTATION, family_of
+from .patching import patched
+
 _LAYOUT = "[Hkv, P, D] (shared by every row) or [B, Hkv, P, D] (one per row)"
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
 class Prefix:
@@ -44,14 +44,14 @@ class Prefix:
             )
         first = keys[0]
         if first.dim() not in (3, 4):
-            raise ValueError(f"Prefix: `keys[0]` must be {_LAYOUT}, got shape {_shape(first)}.")
+            raise ValueError(f"Prefix: `keys[0]` must be {_LAYOUT}, got shape {shape_text(first)}.")
         if not first.is_floating_point():
             raise TypeError(f"Prefix: `keys[0]` must be a floating-point tensor, got {first.dtype}.")
         for name, seq in (("keys", keys), ("values", values)):
             for i, t in enumerate(seq):
                 if t.shape != first.shape:
                     raise ValueError(
-                        f"Prefix: `{name}[{i}]` has shape {_shape(t)} but `keys[0]` has {_shape(first)}; every "
+                        f"Prefix: `{name}[{i}]` has shape {shape_text(t)} but `keys[0]` has {shape_text(first)}; every "
                         f"layer's keys and values must share one shape {_LAYOUT}."
                     )
                 if t.dtype != first.dtype or t.device != first.device:
@@ -63,8 +63,7 @@ class Prefix:
         self.values: tuple[torch.Tensor, ...] = tuple(values)
 
     @classmethod
-    @torch.no_grad()
-    def from_prompt(cls, model, input_ids: torch.Tensor) -> Prefix:
+    def from_prompt(cls, model, input_ids: torch.Tensor, *, backend: str = "auto") -> Prefix:
         """The keys and values of a shared prompt, computed once, as a shared prefix.
 
         `model` is an unpatched model of a registered decoder-only family (LLaMA, Mistral, Qwen2);
@@ -72,18 +71,10 @@ class Prefix:
         0 ... P - 1, and each layer's keys (after the rotary embedding) and values become one [Hkv, P, D]
         tensor. Then `with fastprefix.patched(model, prefix): model.generate(suffix_ids, attention_mask=...)`
         generates every row as if it were [prompt ; suffix_row], the prompt's keys and values stored once
-        for the whole batch and never in the rows' cache. Computed without gradient.
+        for the whole batch and never in the rows' cache. Computed without gradient, with the prompt's attention
+        run by `prefix_attention` on `backend` (as in `fastprefix.patch`).
         """
-        from .patching import ATTN_IMPLEMENTATION, family_of
-
-        family_of(model)
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise TypeError(
-                f"Prefix.from_prompt: {type(model).__name__} is an encoder-decoder model, and a prompt's keys and "
-                "values make a prefix for decoder-only models (LLaMA, Mistral, Qwen2). For T5, pass "
-                "fastprefix.patch a dict {kind: Prefix} of 'encoder', 'decoder', 'cross' prefixes, or train one "
-                "with fastprefix.TrainablePrefix."
-            )
+        family = family_of(model)
         if getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
             raise RuntimeError(
                 "Prefix.from_prompt: the model is patched by fastprefix, so the prompt would attend to the current "
@@ -96,17 +87,14 @@ class Prefix:
         if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
             raise ValueError(
                 f"Prefix.from_prompt: `input_ids` must be one non-empty prompt, [P] or [1, P], got shape "
-                f"{_shape(input_ids)}. For a prompt per row, build Prefix([B, Hkv, P, D] tensors) yourself."
+                f"{shape_text(input_ids)}. For a prompt per row, build Prefix([B, Hkv, P, D] tensors) yourself."
             )
-        output = model.base_model(input_ids=ids.to(model.device), use_cache=True)
-        cache = output["cache"] if "cache" in output else output["past_key_values"]
-        keys = [layer.keys[0] for layer in cache.layers]
-        if any(k.shape[-2] != ids.shape[1] for k in keys):
-            raise ValueError(
-                f"Prefix.from_prompt: the model's cache kept {keys[0].shape[-2]} of the prompt's {ids.shape[1]} "
-                "positions (a sliding-window cache?); use a prompt no longer than the window."
-            )
-        return cls(keys, [layer.values[0] for layer in cache.layers])
+        no_prefix = {}
+        for kind, g in family.geometry(model).items():
+            nothing = torch.empty(g.num_kv_heads, 0, g.head_dim, dtype=model.dtype, device=model.device)
+            no_prefix[kind] = cls([nothing] * g.num_layers, [nothing] * g.num_layers)
+        with torch.no_grad(), patched(model, no_prefix, backend=backend):
+            return cls(*family.prompt_kv(model, ids))
 
     @property
     def num_layers(self) -> int:

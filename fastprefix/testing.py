@@ -1,4 +1,5 @@
-"""Random cases and the float64 oracle, shared by the tests, the benchmarks and `fastprefix check`."""
+"""Random cases and the oracles, shared by the tests, the benchmarks and `fastprefix check`: the float64
+attention oracle over the concatenated keys, and greedy decoding by a model's forward for generation."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import Dims
 from .ops import prefix_attention
 from .reference import reference_attention
 
@@ -28,16 +30,10 @@ DECODE_SHAPE_IDS = ["B{}-H{}x{}-N{}-S{}-P{}-D{}".format(*s) for s in DECODE_SHAP
 
 
 @dataclass(frozen=True)
-class Case:
-    """One prefix-attention problem. mask/bias name a broadcast shape (see `_MASK_SHAPES`) or None."""
+class Case(Dims):
+    """One prefix-attention problem: its sizes, and features. mask/bias name a broadcast shape (see
+    `_mask_shape`) or None."""
 
-    B: int
-    Hq: int
-    Hkv: int
-    N: int
-    S: int
-    P: int
-    D: int
     shared: bool = True
     causal: bool = False
     mask: str | None = None
@@ -144,7 +140,7 @@ class Comparison:
 
 def _comparison(name, actual, expected, same_precision, ratio) -> Comparison:
     """Bound: the largest of
-    * the dtype's tolerance (DESIGN.md section 6);
+    * the dtype's tolerance (TOLERANCE);
     * `ratio` x the error of the reference math run in the input dtype (`same_precision`): some quantities,
       like the gradient of a bias that cancels across a softmax row, are ill-conditioned in any
       implementation;
@@ -196,6 +192,24 @@ def compare_to_oracle(inputs: Inputs, backend: str) -> list[Comparison]:
         assert g.shape == rg.shape and g.dtype == q.dtype, (name, g.shape, g.dtype)
         result.append(_comparison(name, g, rg, sg, ratio=3))
     return result
+
+
+@torch.no_grad()
+def greedy_by_forward(forward, input_ids: torch.Tensor, new_tokens: int, decoder_start: int | None = None):
+    """Greedy decoding by re-running `forward` on the whole growing sequence, without a cache: the oracle for
+    generation (PEFT's forward is right where its `generate` is not). For a causal LM (`decoder_start` None)
+    the sequence is `input_ids` [B, n] (unpadded rows) and the tokens so far; for a seq2seq LM it is the
+    decoder's, from `decoder_start`, with `input_ids` as the encoder's input. Returns the new tokens
+    [B, new_tokens]."""
+    if decoder_start is None:
+        seq = input_ids
+        for _ in range(new_tokens):
+            seq = torch.cat([seq, forward(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+        return seq[:, input_ids.shape[1]:]
+    seq = torch.full((input_ids.shape[0], 1), decoder_start, dtype=input_ids.dtype, device=input_ids.device)
+    for _ in range(new_tokens):
+        seq = torch.cat([seq, forward(input_ids=input_ids, decoder_input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+    return seq[:, 1:]
 
 
 class AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):

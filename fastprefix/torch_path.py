@@ -7,7 +7,8 @@ and the prefix gradient comes out already summed over rows and heads. Backward r
 from q, k, v, prefix, the merged output and the merged log-sum-exp; nothing of size N x S is saved.
 
 Segment results are merged in a 5-D view [B, Hkv, G, N, X] that both layouts reach without copying,
-accumulating into the sequence segment's own output buffer.
+accumulating into the sequence segment's own output buffer. Each segment runs on an engine of
+`segment_attention` (FlashCPU or Explicit), chosen by the dispatcher.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from .checks import Dims
-from .reference import causal_visibility
-from .segment_attention import NEG_INF, Explicit, FlashCPU
+from .segment_attention import NEG_INF
 
 
 def merge_lse(parts):
@@ -78,17 +78,10 @@ def segment_masks(dims: Dims, causal, attn_mask, attn_bias, device):
     hidden = None if attn_mask is None else ~_as_4d(attn_mask)
     square_causal = causal and dims.N == dims.S
     if causal and not square_causal and dims.N > 1:
-        above = ~causal_visibility(dims.N, dims.S, device)[None, None]
+        # bottom-right aligned: query i hides sequence key j iff j > i + (S - N)
+        above = torch.ones(dims.N, dims.S, dtype=torch.bool, device=device).triu(dims.S - dims.N + 1)[None, None]
         hidden = above if hidden is None else hidden | above
     return prefix_bias, seq_bias, hidden, square_causal
-
-
-def _engine(q: torch.Tensor, dropout_p: float, *biases):
-    """FlashCPU when it can do the job (CPU, no dropout, no bias gradient), else Explicit."""
-    wants_bias_grad = any(b is not None and b.requires_grad for b in biases)
-    if q.device.type == "cpu" and dropout_p == 0 and not wants_bias_grad:
-        return FlashCPU
-    return Explicit
 
 
 def _prefix_operands(q, prefix_k, prefix_v, dims: Dims):
@@ -107,8 +100,7 @@ class TorchPrefixAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_bias, seq_bias, seq_hidden, square_causal, dims, scale,
-                dropout_p):
-        engine = _engine(q, dropout_p, prefix_bias, seq_bias)
+                dropout_p, engine):
         seed = int(torch.randint(2**62, ()).item()) if dropout_p > 0 else 0
         parts = []
         if dims.P:  # first, so its stacked copy of q is freed before the sequence segment allocates
@@ -156,11 +148,12 @@ class TorchPrefixAttention(torch.autograd.Function):
         elif dq is None:
             dq = torch.zeros_like(q)
         grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(q.dtype), dpv.to(q.dtype))
-        return (*grads, dprefix_bias, dseq_bias, None, None, None, None, None)
+        return (*grads, dprefix_bias, dseq_bias, None, None, None, None, None, None)
 
 
-def torch_prefix_attention(q, k, v, prefix_k, prefix_v, dims: Dims, *, causal, scale, attn_mask, attn_bias,
+def torch_prefix_attention(q, k, v, prefix_k, prefix_v, dims: Dims, *, engine, causal, scale, attn_mask, attn_bias,
                            dropout_p):
-    """The fused PyTorch path on validated inputs. Returns (out [B, Hq, N, D] in q.dtype, lse [B, Hq, N])."""
+    """The fused PyTorch path on validated inputs, each segment computed by `engine` (FlashCPU or Explicit).
+    Returns (out [B, Hq, N, D] in q.dtype, lse [B, Hq, N])."""
     masks = segment_masks(dims, causal, attn_mask, attn_bias, q.device)
-    return TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, *masks, dims, scale, dropout_p)
+    return TorchPrefixAttention.apply(q, k, v, prefix_k, prefix_v, *masks, dims, scale, dropout_p, engine)

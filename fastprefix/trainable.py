@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .patching import family_of
+from .dispatch import check_backend
+from .models import family_of
+from .patching import PatchHandle, patch, patched
 from .prefix import Prefix
 
 
@@ -23,6 +25,8 @@ class TrainablePrefix(nn.Module):
         length: P, the number of prefix positions (the same for every kind).
         kinds: the attention kinds that get a prefix; default every kind the model has (T5: "decoder",
             "encoder", "cross"; a decoder-only model: "decoder"). Kinds left out attend to their sequence alone.
+        backend: the backend of the attention calls when a model is patched with `patch` or `patched` (as in
+            `fastprefix.patch`).
 
     Parameters are drawn from a standard normal, as T5's own keys and values are distributed at
     initialization; re-initialize them (`torch.nn.init`) as the task needs. `prefix()` returns {kind: Prefix}
@@ -31,7 +35,7 @@ class TrainablePrefix(nn.Module):
         trainable = fastprefix.TrainablePrefix(model, length=20)
         model.requires_grad_(False)
         optimizer = torch.optim.AdamW(trainable.parameters(), lr=1e-2)
-        with fastprefix.patched(model, trainable.prefix()):
+        with trainable.patched(model):              # fastprefix.patched(model, trainable.prefix(), backend=...)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()
@@ -40,8 +44,10 @@ class TrainablePrefix(nn.Module):
     `prefix_keys.<kind>.<layer>` and `prefix_values.<kind>.<layer>`.
     """
 
-    def __init__(self, model, length: int, kinds=None):
+    def __init__(self, model, length: int, kinds=None, *, backend: str = "auto"):
         super().__init__()
+        check_backend(backend, model.device, "TrainablePrefix")
+        self.backend = backend
         geometry = family_of(model).geometry(model)
         kinds = tuple(geometry) if kinds is None else tuple(kinds)
         unknown = [kind for kind in kinds if kind not in geometry]
@@ -64,3 +70,11 @@ class TrainablePrefix(nn.Module):
         """{kind: Prefix} of the parameters (not copies), for `fastprefix.patch`."""
         return {kind: Prefix(list(self.prefix_keys[kind]), list(self.prefix_values[kind]))
                 for kind in self.prefix_keys}
+
+    def patch(self, model) -> PatchHandle:
+        """`fastprefix.patch(model, self.prefix(), backend=self.backend)`."""
+        return patch(model, self.prefix(), backend=self.backend)
+
+    def patched(self, model):
+        """`fastprefix.patched(model, self.prefix(), backend=self.backend)`: patched for a `with` block."""
+        return patched(model, self.prefix(), backend=self.backend)

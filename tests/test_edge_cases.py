@@ -4,20 +4,8 @@ import pytest
 import torch
 
 from fastprefix import prefix_attention
-from fastprefix import torch_path
 from fastprefix.reference import causal_visibility
-from fastprefix.segment_attention import Explicit
 from fastprefix.testing import Case, make_inputs, oracle, relative_error
-
-CPU_BACKENDS = ["reference", "torch", "torch-explicit"]
-
-
-@pytest.fixture(params=CPU_BACKENDS)
-def backend(request, monkeypatch):
-    name, _, engine = request.param.partition("-")
-    if engine:
-        monkeypatch.setattr(torch_path, "_engine", lambda *args: Explicit)
-    return name
 
 
 def _grads(out, inp):
@@ -89,7 +77,7 @@ def test_dropout_keeps_each_probability_or_zeroes_it(backend):
     torch.testing.assert_close(dropped[kept], probs[kept] / (1 - p), rtol=1e-5, atol=1e-7)
     for cols in (slice(0, case.P), slice(case.P, None)):
         rate = kept[..., cols].float().mean().item()
-        assert abs(rate - (1 - p)) < 0.02, rate  # ~6 standard deviations for 12288 draws
+        assert abs(rate - (1 - p)) < 0.02, rate  # ~3.4 standard deviations for 6144 draws per segment
     again = prefix_attention(*args, dropout_p=p, backend=backend)[..., : case.P + case.S]
     assert not torch.equal(again != 0, kept)
 

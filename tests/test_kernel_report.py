@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ALL_KERNELS = {"fwd", "bwd_preprocess", "dq", "dkdv", "dkdv_shared_prefix", "dbias", "decode_prefix", "decode_rows",
                "decode_merge"}
 NO_DOTS = {"bwd_preprocess", "decode_merge"}

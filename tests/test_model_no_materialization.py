@@ -7,10 +7,10 @@ import torch
 
 import fastprefix
 from fastprefix.testing import AllocationRecorder, materialization_violations
-from llama_helpers import padded_batch, peft_twins, tiny_model
-from t5_helpers import batch as t5_batch
-from t5_helpers import random_prefix as t5_random_prefix
-from t5_helpers import t5_twins, tiny_t5
+from helpers.llama import padded_batch, peft_twins, tiny_model
+from helpers.t5 import batch as t5_batch
+from helpers.t5 import random_prefix as t5_random_prefix
+from helpers.t5 import t5_twins, tiny_t5
 
 # P + S = 18, P = 7 and D = 12 (hidden 48 / 4 heads) coincide with no other dimension of the model
 # (intermediate 40, vocabulary 100). B = 5 rows: one per-row copy of a layer's prefix (5 * 2 * 7 * 12

@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from fastprefix import prefix_attention
-from fastprefix import torch_path
+from fastprefix import dispatch, prefix_attention
 from fastprefix.reference import reference_attention
-from fastprefix.segment_attention import Explicit
 from fastprefix.testing import AllocationRecorder, Case, make_inputs, materialization_violations
 
 # Sizes chosen so that P + S = 20, P = 7 and D = 16 equal no other dimension.
@@ -33,7 +31,8 @@ def run_recorded(case, attention=fused):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_row"])
 def test_torch_path_does_not_materialize(shared, options, engine, monkeypatch):
     if engine == "explicit":
-        monkeypatch.setattr(torch_path, "_engine", lambda *args: Explicit)
+        kept = tuple(i for i in dispatch.IMPLEMENTATIONS if i.name != "torch-flash")
+        monkeypatch.setattr(dispatch, "IMPLEMENTATIONS", kept)
     assert run_recorded(Case(**CASE, shared=shared, **options)) == []
 
 
@@ -49,9 +48,9 @@ def test_triton_path_does_not_materialize(shared, options, monkeypatch):
     chunks of (row, head) pairs as fp32 partials: their number follows the programs the GPU needs in flight,
     not B (with a long prefix, one chunk). The test pins one chunk; at B = 3 three chunks would be as large
     as a per-row copy and trip the detector."""
-    from fastprefix.kernels import prefix_attention as launchers
+    from fastprefix.kernels import common
 
-    monkeypatch.setattr(launchers, "_INTERPRETER_PROGRAMS", 1)
+    monkeypatch.setattr(common, "INTERPRETER_PROGRAMS", 1)
     assert run_recorded(Case(**CASE, shared=shared, **options), triton) == []
 
 

@@ -9,12 +9,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig, StaticCache
 
 import fastprefix
-from fastprefix.models import llama, t5
-from fastprefix.patching import REGISTRY
+from fastprefix.compat import cache_argument, cache_of
+from fastprefix.models import REGISTRY, llama, t5
 from fastprefix.testing import relative_error
-from llama_helpers import checkpointed_layers, generated_cache, padded_batch, peft_twins, quiet, tiny_model
-from t5_helpers import batch as t5_batch
-from t5_helpers import t5_twins, tiny_t5
+from helpers.llama import checkpointed_layers, padded_batch, peft_twins, quiet, tiny_model
+from helpers.t5 import batch as t5_batch
+from helpers.t5 import t5_twins, tiny_t5
 
 
 def random_prefix(model, P=5, batch=None, requires_grad=False):
@@ -190,7 +190,7 @@ def test_left_padded_rows_generate_as_if_alone(per_row):
     prefix = random_prefix(model, batch=len(lengths) if per_row else None)
     with fastprefix.patched(model, prefix) as handle:
         out = greedy(model, ids, mask, return_dict_in_generate=True)
-        for layer in generated_cache(out).layers:
+        for layer in cache_of(out).layers:
             assert layer.keys.shape[-2] == out.sequences.shape[1] - 1
         for r, n in enumerate(lengths):
             if per_row:
@@ -206,7 +206,7 @@ def test_static_cache_forward_and_generate_match_dynamic_cache():
     ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(3))
     with fastprefix.patched(model, random_prefix(model)), torch.no_grad():
         static = StaticCache(config=model.config, max_cache_len=16)
-        out = quiet(model, input_ids=ids, past_key_values=static, use_cache=True)
+        out = quiet(model, input_ids=ids, use_cache=True, **{cache_argument(model): static})
         assert static.layers[0].keys.shape[-2] == 16
         assert relative_error(out.logits, model(input_ids=ids).logits) < 1e-6
         assert torch.equal(greedy(model, ids, cache_implementation="static"), greedy(model, ids))

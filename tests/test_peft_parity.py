@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import fastprefix
-from fastprefix.backends import unavailable_reasons
-from fastprefix.testing import relative_error
-from llama_helpers import checkpointed_layers, generated_cache, greedy_by_forward, padded_batch, peft_twins, quiet, tiny_model
-from parity_helpers import assert_same_step
+from fastprefix.dispatch import unavailable_reasons
+from fastprefix.compat import cache_of
+from fastprefix.testing import greedy_by_forward, relative_error
+from helpers.llama import checkpointed_layers, padded_batch, peft_twins, quiet, tiny_model
+from helpers.parity import assert_same_step
 
 HEADS = {"mha": dict(heads=4, kv_heads=4), "gqa": dict(heads=4, kv_heads=2)}
 PROJECTION = {"plain": dict(prefix_projection=False), "projected": dict(prefix_projection=True,
@@ -67,7 +68,7 @@ def assert_generation_matches_oracle(fast, oracle, lengths=(7, 4, 2), new_tokens
     width = ids.shape[1]
     out = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                         pad_token_id=0, return_dict_in_generate=True)
-    for layer in generated_cache(out).layers:
+    for layer in cache_of(out).layers:
         assert layer.keys.shape[-2] == out.sequences.shape[1] - 1, "the cache must hold the sequence only"
     base = oracle.get_base_model()
     prefix_mattered = False

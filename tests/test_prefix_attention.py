@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from fastprefix import torch_path
-from fastprefix.segment_attention import Explicit
 from fastprefix.testing import DECODE_SHAPE_IDS, DECODE_SHAPES, Case, compare_to_oracle, make_inputs
+from helpers.cases import FEATURES
 
 SHAPES = [  # B, Hq, Hkv, N, S, P, D
     (1, 2, 2, 1, 1, 1, 64),      # one query, one key
@@ -17,27 +16,7 @@ SHAPES = [  # B, Hq, Hkv, N, S, P, D
     (2, 2, 1, 64, 64, 63, 80),   # block-sized sequence, prefix one short of a block
     (2, 4, 2, 3, 0, 5, 64),      # no sequence keys: the prefix alone
 ]
-FEATURES = {
-    "plain": {},
-    "causal": {"causal": True},
-    "padmask": {"mask": "rows"},
-    "t5bias": {"bias": "heads", "scale": 1.0},
-    "t5padded": {"mask": "rows", "bias": "heads", "scale": 1.0},
-    "biasgrad": {"bias": "1d", "bias_grad": True},
-    "all": {"causal": True, "mask": "full", "bias": "rows", "bias_grad": True},
-}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(params=["reference", "torch", "torch-explicit"])
-def backend(request, monkeypatch):
-    """A backend name for prefix_attention. "torch" picks its segment engine as it would in use (FlashCPU
-    unless dropout or a bias gradient needs Explicit); "torch-explicit" forces the Explicit engine, the
-    one non-CPU devices get."""
-    name, _, engine = request.param.partition("-")
-    if engine:
-        monkeypatch.setattr(torch_path, "_engine", lambda *args: Explicit)
-    return name
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

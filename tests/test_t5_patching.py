@@ -13,9 +13,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import fastprefix
 from fastprefix import prefix_attention
 from fastprefix.models import t5
+from fastprefix.compat import cache_argument, cache_of
 from fastprefix.testing import relative_error
-from llama_helpers import quiet
-from t5_helpers import VOCAB, batch, cache_argument, lazy_cache, random_prefix, tiny_t5
+from helpers.llama import quiet
+from helpers.t5 import VOCAB, batch, lazy_cache, random_prefix, tiny_t5
 
 KINDS = ("encoder", "decoder", "cross")
 DEPTHS = {"same-depth": dict(), "deeper-decoder": dict(num_layers=2, num_decoder_layers=3)}
@@ -131,10 +132,6 @@ def generate(model, ids, mask, new_tokens=12, **kwargs):
                           return_dict_in_generate=True, output_logits=True, **kwargs)
 
 
-def generated_cache(output):
-    return output.cache if hasattr(output, "cache") else output.past_key_values
-
-
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_decoding_with_a_cache_matches_the_full_forward(cache):
     """Step-by-step logits of `generate` equal one forward over the finished sequence: the decoder's prefix
@@ -149,9 +146,9 @@ def test_decoding_with_a_cache_matches_the_full_forward(cache):
         full = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out.sequences).logits
     assert relative_error(torch.stack(out.logits, dim=1), full[:, :-1]) < 1e-5
     if cache == "dynamic":
-        for layer in generated_cache(out).self_attention_cache.layers[:2]:
+        for layer in cache_of(out).self_attention_cache.layers[:2]:
             assert layer.keys.shape[-2] == out.sequences.shape[1] - 1, "the decoder cache must hold the sequence only"
-        for layer in generated_cache(out).cross_attention_cache.layers[:2]:
+        for layer in cache_of(out).cross_attention_cache.layers[:2]:
             assert layer.keys.shape[-2] == ids.shape[1], "the cross-attention cache must hold the encoder's keys only"
 
 
@@ -168,7 +165,7 @@ def test_a_decoder_deeper_than_the_encoder_generates():
         out = generate(model, ids, mask, **{cache_argument(model): lazy_cache()})
         full = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out.sequences).logits
     assert relative_error(torch.stack(out.logits, dim=1), full[:, :-1]) < 1e-5
-    assert [layer.keys.shape[-2] for layer in generated_cache(out).self_attention_cache.layers] == [12] * 3
+    assert [layer.keys.shape[-2] for layer in cache_of(out).self_attention_cache.layers] == [12] * 3
 
 
 def attention_dropout_only(model):
@@ -222,7 +219,7 @@ def test_fused_dropout_keeps_t5_shaped_probabilities_at_the_right_rate():
     torch.testing.assert_close(dropped[kept], probs[kept] / (1 - p), rtol=1e-5, atol=1e-7)
     for cols in (slice(0, P), slice(P, None)):
         rate = kept[..., cols][visible[..., cols]].float().mean().item()
-        assert abs(rate - (1 - p)) < 0.02, rate  # > 7 standard deviations for ~5900 draws
+        assert abs(rate - (1 - p)) < 0.02, rate  # ~5 standard deviations for ~6000 draws per segment
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -9,6 +9,7 @@ logits, loss, gradients, generation, training. What PEFT does there, verified be
 PEFT's forward is the oracle, never its `generate` (it drops the prefix on transformers 5.24).
 """
 
+import copy
 import warnings
 
 import pytest
@@ -16,10 +17,11 @@ import torch
 
 import fastprefix
 from fastprefix import PrefixConfigWarning
-from fastprefix.backends import unavailable_reasons
-from fastprefix.testing import relative_error
-from parity_helpers import assert_same_step
-from t5_helpers import VOCAB, batch, cache_argument, greedy_by_forward, lazy_cache, random_prefix, t5_twins, tiny_t5
+from fastprefix.compat import cache_argument, cache_of
+from fastprefix.dispatch import unavailable_reasons
+from fastprefix.testing import greedy_by_forward, relative_error
+from helpers.parity import assert_same_step
+from helpers.t5 import VOCAB, batch, lazy_cache, random_prefix, t5_twins, tiny_t5
 
 GEOMETRIES = {"d_model-40-heads-4x12": dict(), "decoder-3-over-encoder-2": dict(num_decoder_layers=3)}
 PROJECTION = {"plain": dict(prefix_projection=False), "projected": dict(prefix_projection=True,
@@ -108,7 +110,7 @@ def assert_generation_matches_oracle(fast, oracle, lengths=(8, 5, 2), new_tokens
     ids = ids.masked_fill(mask == 0, 0)
     out = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                         return_dict_in_generate=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = cache_of(out)
     if fast.peft_model.active_peft_config.num_transformer_submodules == 1:
         assert cache is None, "no cache can hold the states of PEFT's one-submodule layout"
     else:
@@ -117,9 +119,10 @@ def assert_generation_matches_oracle(fast, oracle, lengths=(8, 5, 2), new_tokens
     prefix_mattered = False
     for r, n in enumerate(lengths):
         row = ids[r:r + 1, width - n:]
-        expected = greedy_by_forward(oracle, row, new_tokens)
+        expected = greedy_by_forward(oracle, row, new_tokens, decoder_start=0)
         assert torch.equal(out.sequences[r:r + 1, 1:], expected), f"row {r}"
-        prefix_mattered |= not torch.equal(greedy_by_forward(oracle.get_base_model(), row, new_tokens), expected)
+        base = greedy_by_forward(oracle.get_base_model(), row, new_tokens, decoder_start=0)
+        prefix_mattered |= not torch.equal(base, expected)
     assert prefix_mattered, "the prefix must change the generated tokens, or this test cannot tell"
 
 
@@ -168,14 +171,20 @@ def test_generate_after_training_steps(submodules):
 @pytest.mark.parametrize("submodules", [2, 1])
 def test_training_loop_matches_peft(submodules):
     """15 steps with an optimizer on peft_model.parameters(), dropout off (PEFT and fastprefix draw dropout masks
-    differently): the same loss curve as PEFT."""
+    differently): the same loss curve as PEFT. Optimizer steps amplify float32 rounding from step to step
+    (PEFT's own curve drifts 1.9e-4 from a float64 run of itself by step 14 with 2 submodules), so a step where
+    the two curves differ by more than 1e-4 is judged against that float64 run: fastprefix may be no farther
+    from it than 1e-4 or twice PEFT's own distance."""
     peft_model, oracle = t5_twins(tiny_t5(dropout_rate=0.0), submodules=submodules, prefix_projection=True,
                                   encoder_hidden_size=24)
-    peft_model.train(), oracle.train()
+    exact = copy.deepcopy(oracle).double()
+    peft_model.train(), oracle.train(), exact.train()
     losses = train(from_peft(peft_model), peft_model.parameters(), submodules, steps=15)
     expected = train(oracle, oracle.parameters(), submodules, steps=15)
-    for step, (got, want) in enumerate(zip(losses, expected)):
-        assert abs(got - want) / abs(want) < 1e-4, f"step {step}: {got} vs {want}"
+    exact_losses = train(exact, exact.parameters(), submodules, steps=15)
+    for step, (got, want, true) in enumerate(zip(losses, expected, exact_losses)):
+        assert abs(got - want) < 1e-4 * abs(want) or abs(got - true) <= max(1e-4 * abs(true), 2 * abs(want - true)), \
+            f"step {step}: {got} vs PEFT {want}, float64 {true}"
     assert losses[-1] < 0.9 * losses[0], "training must make progress, or the curve comparison says little"
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from fastprefix import kernels, prefix_attention
-from fastprefix.kernels import prefix_attention as launchers
+from fastprefix.kernels import common, tuning
 from fastprefix.testing import Case, compare_to_oracle, make_inputs, oracle, relative_error
-from test_prefix_attention import FEATURES
+from helpers.cases import FEATURES
+from helpers.interpreter import device, poison_launchers
 
-BLOCK = launchers._INTERPRETER_BLOCK
+BLOCK = common.INTERPRETER_BLOCK
 
 SHAPES = [  # B, Hq, Hkv, N, S, P, D
     (1, 2, 2, 1, 1, 1, 64),                  # one query, one key, one prefix token
@@ -30,25 +31,9 @@ pytestmark = pytest.mark.skipif(not kernels.INTERPRETED and not torch.cuda.is_av
                                 reason="needs a GPU or TRITON_INTERPRET=1 before Triton is imported")
 
 
-class _PoisonedTorch:
-    """The `torch` module as the launchers see it, with `empty` returning NaN-filled float tensors."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
-    monkeypatch.setattr(launchers, "torch", _PoisonedTorch())
-
-
-def device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    poison_launchers(monkeypatch)
 
 
 def assert_matches_oracle(inp):
@@ -60,6 +45,7 @@ def assert_matches_oracle(inp):
 LAYOUTS = [(True, torch.float32), (False, torch.float32), (True, torch.float16)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared, dtype", LAYOUTS, ids=["shared-fp32", "per_row-fp32", "shared-fp16"])
 @pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -97,7 +83,7 @@ def test_arbitrary_strides():
 def test_shared_prefix_gradient_chunking(programs, monkeypatch):
     """The shared prefix's gradient is summed over B * G (row, head) pairs in chunks: one chunk, uneven
     chunks (B * G = 15 pairs in chunks of 5... 3), one pair per chunk. Same for a bias broadcast over rows."""
-    monkeypatch.setattr(launchers, "_INTERPRETER_PROGRAMS", programs)
+    monkeypatch.setattr(common, "INTERPRETER_PROGRAMS", programs)
     case = Case(B=5, Hq=6, Hkv=2, N=9, S=11, P=BLOCK + 3, D=64, bias="heads", bias_grad=True)
     assert_matches_oracle(make_inputs(case, device=device()))
 
@@ -244,9 +230,8 @@ def _kept(monkeypatch, name, arch, *, n_q=4096, head_dim=128, mask=False, bias=F
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: divmod(arch, 10))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: _Properties(arch))
-    _, candidates, acc_tile, accumulators, resident = launchers.TUNED[name]
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
-    prune = launchers._pruner(candidates, acc_tile, accumulators, resident)
+    configs = [config.triton_config() for config in tuning.TUNED[name].candidates]
+    prune = tuning.pruner(tuning.TUNED[name])
     kept = prune(configs, {"Q": torch.empty(0, dtype=dtype)}, TUNE_Q=n_q, TUNE_KV=4096, HEAD_DIM=head_dim,
                  BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=True, HAS_MASK=mask, HAS_BIAS=bias,
                  DROPOUT=dropout)

@@ -10,14 +10,12 @@ test checks that the decode kernels, not the general ones, produced the result.
 import pytest
 import torch
 
-from fastprefix import kernels, prefix_attention
+from fastprefix import dispatch, kernels, prefix_attention
 from fastprefix.checks import Dims
-from fastprefix.kernels import decode_attention as decode
-from fastprefix.kernels import prefix_attention as general
+from fastprefix.kernels import common, decode
 from fastprefix.testing import (DECODE_SHAPE_IDS, DECODE_SHAPES, AllocationRecorder, Case, compare_forward_to_oracle,
                                 make_inputs, materialization_violations, oracle, relative_error)
-from fastprefix.triton_path import decode_reasons
-from test_triton import _PoisonedTorch, device
+from helpers.interpreter import device, poison_launchers
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRETED and not torch.cuda.is_available(),
                                 reason="needs a GPU or TRITON_INTERPRET=1 before Triton is imported")
@@ -56,8 +54,7 @@ class _GridRecorder:
 
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
-    monkeypatch.setattr(general, "torch", _PoisonedTorch())
-    monkeypatch.setattr(decode, "torch", _PoisonedTorch())
+    poison_launchers(monkeypatch)
 
 
 @pytest.fixture
@@ -76,6 +73,7 @@ def assert_decode_matches_oracle(inp, spies):
     assert (spies[0].calls - decode_calls, spies[1].calls) == (1, 0), "the decode kernels did not run"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared, dtype", LAYOUTS, ids=["shared-fp32", "per_row-fp32", "shared-fp16"])
 @pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=DECODE_SHAPE_IDS)
@@ -126,7 +124,7 @@ def test_equals_general_forward(spies):
     options = dict(causal=True, scale=case.D ** -0.5)
     mask, bias = inp.options["attn_mask"], inp.options["attn_bias"]
     out, lse = kernels.decode_forward(*inp.tensors, mask, bias, **options)
-    ref_out, ref_lse = general.attention_forward(*inp.tensors, mask, bias, dropout_p=0.0, seed=0, **options)
+    ref_out, ref_lse = kernels.attention_forward(*inp.tensors, mask, bias, dropout_p=0.0, seed=0, **options)
     assert relative_error(out, ref_out) < 1e-6 and relative_error(lse, ref_lse) < 1e-6
 
 
@@ -156,7 +154,7 @@ def test_split_kv(programs, min_blocks, expected, monkeypatch, spies):
     """Split-KV over a long per-row cache (S = 1000 = 62.5 blocks of 16) after a per-row prefix (one more
     segment of one block), for split counts that do and do not divide the key blocks; each split's partial
     merged exactly."""
-    monkeypatch.setattr(general, "_INTERPRETER_PROGRAMS", programs * 4)  # B * Hkv = 4 programs per split
+    monkeypatch.setattr(common, "INTERPRETER_PROGRAMS", programs * 4)  # B * Hkv = 4 programs per split
     monkeypatch.setattr(decode, "_MIN_SPLIT_BLOCKS", min_blocks)
     case = Case(B=2, Hq=4, Hkv=2, N=1, S=1000, P=16, D=16, shared=False, mask="rows")
     inp = make_inputs(case, device=device(), requires_grad=False)
@@ -170,7 +168,7 @@ def test_shared_prefix_split_k(programs, expected, monkeypatch, spies):
     """The shared prefix split across programs (P = 83: 6 blocks of 16, the last with 3 keys), merged
     exactly with the sequence part. 2 programs per split (one tile, 2 KV heads): a target of 8 programs
     asks for 4 splits, which makes splits of 2 blocks, so 3 splits (32, 32 and 19 keys)."""
-    monkeypatch.setattr(general, "_INTERPRETER_PROGRAMS", programs)
+    monkeypatch.setattr(common, "INTERPRETER_PROGRAMS", programs)
     monkeypatch.setattr(decode, "_MIN_SPLIT_BLOCKS", 1)
     case = Case(B=3, Hq=4, Hkv=2, N=1, S=20, P=83, D=16, bias="heads")
     inp = make_inputs(case, device=device(), requires_grad=False)
@@ -195,7 +193,7 @@ def test_shared_prefix_is_read_once_per_batch(monkeypatch):
 def test_splits_partition_the_keys(n_keys, block_n, programs, monkeypatch):
     """Every split is a whole number of blocks (the last may be shorter), at least _MIN_SPLIT_BLOCKS unless
     the keys are fewer, none empty, together exactly n_keys."""
-    monkeypatch.setattr(general, "_INTERPRETER_PROGRAMS", 264)
+    monkeypatch.setattr(common, "INTERPRETER_PROGRAMS", 264)
     count, per_split = decode.splits(n_keys, block_n, programs, torch.device("cpu"))
     assert per_split % block_n == 0 or per_split >= n_keys
     assert per_split >= min(n_keys, decode._MIN_SPLIT_BLOCKS * block_n)
@@ -205,7 +203,7 @@ def test_splits_partition_the_keys(n_keys, block_n, programs, monkeypatch):
 
 def test_deterministic(monkeypatch):
     """No atomics: split partials are merged in a fixed order, so repeated calls agree bitwise."""
-    monkeypatch.setattr(general, "_INTERPRETER_PROGRAMS", 64)
+    monkeypatch.setattr(common, "INTERPRETER_PROGRAMS", 64)
     monkeypatch.setattr(decode, "_MIN_SPLIT_BLOCKS", 1)
     case = Case(B=3, Hq=4, Hkv=2, N=2, S=100, P=50, D=32, causal=True, mask="rows", bias="heads")
     inp = make_inputs(case, torch.float16, device(), requires_grad=False)
@@ -250,18 +248,23 @@ def test_dispatch_picks_decode_for_inference_only(spies):
     assert all(g is not None for g in torch.autograd.grad(out.sum(), args))
     with torch.no_grad():
         assert calls(lambda: prefix_attention(*args, dropout_p=0.5, backend="triton")) == (0, 1)
-        long = make_inputs(Case(B=1, Hq=2, Hkv=2, N=kernels.DECODE_MAX_N + 1, S=3, P=2, D=16), device=device())
+        long = make_inputs(Case(B=1, Hq=2, Hkv=2, N=dispatch.DECODE_MAX_N + 1, S=3, P=2, D=16), device=device())
         assert calls(lambda: prefix_attention(*long.tensors, backend="triton")) == (0, 1)
 
 
 def test_decode_reasons_name_each_limit():
-    reasons = decode_reasons(Dims(B=1, Hq=2, Hkv=1, N=17, S=3, P=2, D=256, shared=True), dropout_p=0.1,
-                             needs_grad=True)
-    assert len(reasons) == 4
+    decode_kernels, = (i for i in dispatch.IMPLEMENTATIONS if i.name == "triton-decode")
+
+    def reasons(dims, dropout_p, needs_grad):
+        call = dispatch.Call(dims, torch.float32, torch.device(device()), dropout_p, needs_grad, bias_grad=False)
+        return decode_kernels.input_reasons(call)
+
+    found = reasons(Dims(B=1, Hq=2, Hkv=1, N=17, S=3, P=2, D=256, shared=True), dropout_p=0.1, needs_grad=True)
+    assert len(found) == 4
     for word in ("N = 17", "gradients", "dropout_p = 0.1", "D = 256"):
-        assert any(word in r for r in reasons), (word, reasons)
-    limits = Dims(B=1, Hq=2, Hkv=1, N=kernels.DECODE_MAX_N, S=3, P=2, D=kernels.DECODE_MAX_HEAD_DIM, shared=True)
-    assert decode_reasons(limits, dropout_p=0.0, needs_grad=False) == []
+        assert any(word in r for r in found), (word, found)
+    limits = Dims(B=1, Hq=2, Hkv=1, N=dispatch.DECODE_MAX_N, S=3, P=2, D=dispatch.DECODE_MAX_HEAD_DIM, shared=True)
+    assert reasons(limits, dropout_p=0.0, needs_grad=False) == []
 
 
 def test_shared_prefix_is_not_materialized(monkeypatch):

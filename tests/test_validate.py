@@ -10,8 +10,8 @@ from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
 import fastprefix
 from fastprefix import PrefixConfigError, PrefixConfigWarning
-from llama_helpers import peft_twins, tiny_model
-from t5_helpers import tiny_t5
+from helpers.llama import peft_twins, tiny_model
+from helpers.t5 import tiny_t5
 
 # A GQA model: 2 layers, 4 query heads, 2 KV heads, head dim 16, hidden 64.
 RIGHT = dict(task_type="CAUSAL_LM", num_virtual_tokens=5, num_layers=2, token_dim=32, num_attention_heads=2,

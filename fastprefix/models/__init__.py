@@ -1,58 +1,41 @@
-"""Model families fastprefix can patch. Each family module describes one attention design to `patching`.
+"""The model families fastprefix can patch, and the registry `model_type -> Family`.
 
-A model has one or more attention *kinds*, each of which may attend to its own `Prefix`: a decoder-only
-model has one ("decoder", every self-attention layer); T5 has three ("decoder" self-attention, "encoder"
-self-attention, "cross" decoder-to-encoder attention). A bare `Prefix` goes to a family's first kind.
+A new family is a module here that builds a `base.Family` (see `llama.py`, `t5.py`) and one entry in
+FAMILIES; `tests/test_patching.py` patches, runs and unpatches every registered model type.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from . import llama, t5
+from .base import Family
 
-import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
+ATTN_IMPLEMENTATION = "fastprefix"
+"""The name patched models' configs give transformers' AttentionInterface."""
 
-if TYPE_CHECKING:
-    from ..patching import PatchHandle
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What the `Prefix` of one attention kind must look like: one [Hkv, P, D] pair per layer of that kind."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
+FAMILIES: tuple[Family, ...] = (llama.FAMILY, t5.FAMILY)
+REGISTRY: dict[str, Family] = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
 
-@dataclass(frozen=True)
-class Site:
-    """Where an attention call runs: the handle of the patch, the attention kind and the layer within it."""
-
-    handle: PatchHandle
-    kind: str
-    layer: int
+def supported_families() -> str:
+    return "; ".join(f"{f.name} (model_type {', '.join(f.model_types)})" for f in FAMILIES)
 
 
-@dataclass(frozen=True)
-class Family:
-    """One family of HuggingFace models that share an attention design.
+def family_of(model) -> Family:
+    """The registered family of a transformers model, or a TypeError listing the supported ones."""
+    # transformers is imported on first use, so that `import fastprefix` costs no more than torch.
+    from transformers import PreTrainedModel
 
-    kinds: attention kind -> what it is, in words (for messages); a bare `Prefix` goes to the first kind.
-    geometry(model) -> {kind: Geometry} for the kinds this model has.
-    attention_modules(model) -> {kind: the attention modules of that kind, in the order of the prefix's layers}.
-    attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, site, **kwargs) -> (out, None):
-        the body of a transformers `AttentionInterface` function, given the layer's prefix ([Hkv, 0, D] when
-        the kind has none) and the `Site` of the call.
-    install(model, handle) -> the hooks the family needs while the model is patched (removed by unpatch).
-    """
-
-    name: str
-    model_types: tuple[str, ...]
-    kinds: dict[str, str]
-    geometry: Callable[[nn.Module], dict[str, Geometry]]
-    attention_modules: Callable[[nn.Module], dict[str, list[nn.Module]]]
-    attention: Callable[..., tuple[torch.Tensor, None]]
-    install: Callable[[nn.Module, PatchHandle], list[RemovableHandle]]
+    if not isinstance(model, PreTrainedModel):
+        hint = (" For a PEFT model use fastprefix.from_peft(peft_model)."
+                if hasattr(model, "get_base_model") else "")
+        raise TypeError(
+            f"fastprefix: expected a transformers PreTrainedModel, got {type(model).__name__}.{hint} "
+            f"Supported families: {supported_families()}."
+        )
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in REGISTRY:
+        raise TypeError(
+            f"fastprefix: {type(model).__name__} (model_type {model_type!r}) is not supported. "
+            f"Supported families: {supported_families()}."
+        )
+    return REGISTRY[model_type]

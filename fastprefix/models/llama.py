@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..compat import cache_of
 from ..ops import prefix_attention
-from . import Family, Geometry
+from .base import Family, Geometry, PatchState
 
 
 def geometry(model: nn.Module) -> dict[str, Geometry]:
@@ -39,8 +40,8 @@ def attention_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
 
 def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, site, scaling, dropout=0.0,
               is_causal=None, **kwargs):
-    """transformers' `sdpa_attention_forward`, with the layer's prefix before the sequence keys (every layer
-    is alike, so the `site` of the call does not matter).
+    """transformers' `sdpa_attention_forward`, with the layer's prefix before the sequence keys, on the patch's
+    backend (every layer is alike, so only the `site`'s patch state matters).
 
     The mask comes from `sdpa_mask` (patching registers it for fastprefix): a bool [B, 1, N, S] over the
     sequence keys (True = attend) carrying causality, padding and any sliding window, or None when
@@ -64,7 +65,7 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
         )
     # Under autocast the query is in the autocast dtype; the prefix follows it as the sequence keys did.
     out = prefix_attention(query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), causal=causal,
-                           scale=scaling, attn_mask=attention_mask, dropout_p=dropout)
+                           scale=scaling, attn_mask=attention_mask, dropout_p=dropout, backend=site.state.backend)
     return out.transpose(1, 2), None
 
 
@@ -82,8 +83,22 @@ def offset_positions(model: nn.Module, offset: Callable[[], int]) -> RemovableHa
     return model.base_model.rotary_emb.register_forward_pre_hook(shift, with_kwargs=True)
 
 
-def install(model: nn.Module, handle) -> list[RemovableHandle]:
-    return [offset_positions(model, lambda: handle.prefixes["decoder"].length)]
+def install(model: nn.Module, state: PatchState) -> list[RemovableHandle]:
+    return [offset_positions(model, lambda: state.prefix_length("decoder"))]
+
+
+@torch.no_grad()
+def prompt_kv(model: nn.Module, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each layer's keys (after the rotary embedding) and values of the prompt `input_ids` [1, P], run once
+    at positions 0 .. P - 1, as [Hkv, P, D] tensors."""
+    cache = cache_of(model.base_model(input_ids=input_ids.to(model.device), use_cache=True))
+    keys = [layer.keys[0] for layer in cache.layers]
+    if any(k.shape[-2] != input_ids.shape[1] for k in keys):
+        raise ValueError(
+            f"Prefix.from_prompt: the model's cache kept {keys[0].shape[-2]} of the prompt's {input_ids.shape[1]} "
+            "positions (a sliding-window cache?); use a prompt no longer than the window."
+        )
+    return keys, [layer.values[0] for layer in cache.layers]
 
 
 FAMILY = Family(
@@ -94,4 +109,5 @@ FAMILY = Family(
     attention_modules=attention_modules,
     attention=attention,
     install=install,
+    prompt_kv=prompt_kv,
 )

@@ -22,7 +22,7 @@ prefix through `prefix_attention`; no cache ever holds it. T5 specifics:
   [1, H, N, P + S], one copy for the whole batch. A pre-hook on each self-attention module records `past`
   as T5 computes it (`cache.get_seq_length(layer)`, 0 without a cache, as in the encoder; with a static
   cache the key length is the cache's capacity, so it cannot be read off the keys). These hooks also keep
-  the patch's handle alive for as long as the model (see `patching`).
+  the patch's state alive for as long as the model (see `patching`).
 * Cross-attention has no relative bias (T5 passes zeros): none is applied, to prefix or encoder columns.
 * Dropout: the module passes `dropout_rate` in training mode (0 in eval), applied to the attention
   probabilities of all P + S columns.
@@ -30,15 +30,15 @@ prefix through `prefix_attention`; no cache ever holds it. T5 specifics:
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..compat import passed_cache
 from ..ops import prefix_attention
-from . import Family, Geometry
+from .base import Family, Geometry, PatchState
 
 KINDS = {"decoder": "decoder self-attention", "encoder": "encoder self-attention",
          "cross": "decoder cross-attention"}
@@ -67,8 +67,8 @@ def geometry(model: nn.Module) -> dict[str, Geometry]:
 def prefix_position_bias(site, length: int, query_length: int, device) -> torch.Tensor:
     """[1, H, query_length, length]: T5's bias from query i (at position past + i) to prefix slot m, at
     relative position m - length - (past + i), from the layer-0 module of the query's stack."""
-    first = site.handle.modules[site.kind][0]
-    past = site.handle.scratch[("past", site.kind, site.layer)]
+    first = site.state.modules[site.kind][0]
+    past = site.state.scratch[("past", site.kind, site.layer)]
     return first.compute_bias(query_length, length, device=device, past_seen_tokens=past + length)
 
 
@@ -104,21 +104,32 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
             bias = torch.cat([prefix_bias, bias], dim=-1)
     # Under autocast the query is in the autocast dtype; the prefix follows it as the sequence keys did.
     out = prefix_attention(query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), causal=causal,
-                           scale=scaling, attn_mask=attention_mask, attn_bias=bias, dropout_p=dropout)
+                           scale=scaling, attn_mask=attention_mask, attn_bias=bias, dropout_p=dropout,
+                           backend=site.state.backend)
     return out.transpose(1, 2), None
 
 
-def _record_past(handle, kind, layer, module, args, kwargs):
+def _record_past(state: PatchState, kind, layer, module, args, kwargs):
     """Pre-hook of self-attention: how many tokens the cache held before this call (`past`)."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the argument's name before transformers 5.24
+    cache = passed_cache(kwargs)
     past = 0 if cache is None else cache.get_seq_length(module.layer_idx)
     # A static cache counts in a tensor that its update increments in place (T5 clones it too).
-    handle.scratch[("past", kind, layer)] = past.clone() if isinstance(past, torch.Tensor) else past
+    state.scratch[("past", kind, layer)] = past.clone() if isinstance(past, torch.Tensor) else past
 
 
-def install(model: nn.Module, handle) -> list[RemovableHandle]:
-    return [module.register_forward_pre_hook(partial(_record_past, handle, kind, layer), with_kwargs=True)
-            for kind in ("decoder", "encoder") for layer, module in enumerate(handle.modules.get(kind, ()))]
+def install(model: nn.Module, state: PatchState) -> list[RemovableHandle]:
+    return [module.register_forward_pre_hook(partial(_record_past, state, kind, layer), with_kwargs=True)
+            for kind in ("decoder", "encoder") for layer, module in enumerate(state.modules.get(kind, ()))]
+
+
+def prompt_kv(model: nn.Module, input_ids: torch.Tensor):
+    """A prompt's keys and values make no prefix for an encoder-decoder model: refused with what to use."""
+    raise TypeError(
+        f"Prefix.from_prompt: {type(model).__name__} is an encoder-decoder model, and a prompt's keys and "
+        "values make a prefix for decoder-only models (LLaMA, Mistral, Qwen2). For T5, pass "
+        "fastprefix.patch a dict {kind: Prefix} of 'encoder', 'decoder', 'cross' prefixes, or train one "
+        "with fastprefix.TrainablePrefix."
+    )
 
 
 FAMILY = Family(
@@ -129,30 +140,5 @@ FAMILY = Family(
     attention_modules=attention_modules,
     attention=attention,
     install=install,
+    prompt_kv=prompt_kv,
 )
-
-
-def shared_cache_attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, site, **kwargs):
-    """`attention` as PEFT 0.21 runs T5 with `num_transformer_submodules=1`.
-
-    PEFT then hands T5 a plain `DynamicCache` holding the prefix, and T5's decoder layer l uses that one cache
-    layer for both attentions: self-attention appends the decoder's keys/values to it, then cross-attention
-    appends the encoder's and attends to all of it. So cross-attention sees [prefix ; the decoder's keys of
-    this layer, every position, later ones included ; the encoder's keys], without relative bias, the
-    encoder's padding mask applying to encoder columns (PEFT itself fails on a padded encoder batch: its
-    mask does not cover the extra columns). Self-attention stashes its keys and values (the cache's and this
-    call's) for the cross-attention of the same layer, which runs next.
-    """
-    if site.kind == "decoder":
-        site.handle.scratch[("decoder_kv", site.layer)] = (key, value)
-    elif site.kind == "cross":
-        decoder_k, decoder_v = site.handle.scratch.pop(("decoder_kv", site.layer))
-        key, value = torch.cat([decoder_k, key], dim=2), torch.cat([decoder_v, value], dim=2)
-        if attention_mask is not None:
-            visible = attention_mask.new_ones(*attention_mask.shape[:-1], decoder_k.shape[2])
-            attention_mask = torch.cat([visible, attention_mask], dim=-1)
-    return attention(module, query, key, value, attention_mask, prefix_k, prefix_v, site=site, **kwargs)
-
-
-PEFT_SHARED_CACHE_FAMILY = dataclasses.replace(FAMILY, name="T5 (PEFT's num_transformer_submodules=1 layout)",
-                                               attention=shared_cache_attention)

@@ -1,4 +1,4 @@
-"""Tiny randomly initialised T5 / mT5 models, PEFT prefix-tuning twins, prefixes and the generation oracle."""
+"""Tiny randomly initialised T5 / mT5 models, PEFT prefix-tuning twins and prefixes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from transformers import DynamicCache, EncoderDecoderCache, MT5Config, MT5ForCon
 from transformers import T5ForConditionalGeneration
 
 import fastprefix
-from llama_helpers import padded_batch
+from helpers.llama import padded_batch
 
 VOCAB = 96
 # d_model 40 != num_heads * d_kv = 4 * 12 = 48, as in t5-v1_1 / mT5 checkpoints (PEFT's token_dim default
@@ -67,25 +67,8 @@ def batch(generator, lengths=(9, 6, 3), width=9, target_lengths=(7, 4, 6), targe
                 decoder_attention_mask=decoder_mask)
 
 
-@torch.no_grad()
-def greedy_by_forward(forward, ids, new_tokens, start=0):
-    """Greedy decoding of one unpadded input row [1, n] by re-running `forward` on the whole growing decoder
-    sequence (no cache): the oracle for generation (PEFT's forward is right where its `generate` is not)."""
-    seq = torch.full((1, 1), start, dtype=torch.long)
-    for _ in range(new_tokens):
-        logits = forward(input_ids=ids, decoder_input_ids=seq).logits
-        seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
-    return seq[:, 1:]
-
-
 def lazy_cache():
     """An empty cache that grows a layer per decoder layer it meets. transformers' `generate` sizes the
     cache it makes by config.num_layers (the encoder's layers), too few when num_decoder_layers is larger."""
     return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
-
-def cache_argument(model):
-    """The name `generate` takes a cache under: `cache` from transformers 5.24 on, `past_key_values` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -1,4 +1,4 @@
-"""Tiny randomly initialised LLaMA-family models, PEFT prefix-tuning twins and the generation oracle."""
+"""Tiny randomly initialised LLaMA-family models and PEFT prefix-tuning twins."""
 
 from __future__ import annotations
 
@@ -39,22 +39,6 @@ def padded_batch(lengths, width, generator=None, vocab=VOCAB):
     for r, n in enumerate(lengths):
         mask[r, width - n:] = 1
     return ids.masked_fill(mask == 0, 0), mask
-
-
-@torch.no_grad()
-def greedy_by_forward(forward, ids, new_tokens):
-    """Greedy decoding of one unpadded row [1, n] by re-running `forward` on the whole growing sequence
-    (no cache): the oracle for generation, as PEFT's forward is right where its `generate` is not."""
-    seq = ids
-    for _ in range(new_tokens):
-        logits = forward(input_ids=seq).logits
-        seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
-    return seq[:, ids.shape[1]:]
-
-
-def generated_cache(output):
-    """The cache returned by `generate(..., return_dict_in_generate=True)` (`cache` from 5.24 on)."""
-    return output.cache if hasattr(output, "cache") else output.past_key_values
 
 
 def checkpointed_layers(model):
