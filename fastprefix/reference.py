@@ -43,8 +43,10 @@ def reference_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None
         visible[..., P:] &= attn_mask
     scores = scores.masked_fill(~visible, float("-inf"))
 
-    lse = scores.logsumexp(dim=-1)
-    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    # Rows that see no key: lse = -inf and probabilities 0, with gradients 0 (not the NaN of logsumexp's).
+    empty = torch.isneginf(scores).all(dim=-1)
+    lse = scores.masked_fill(empty[..., None], 0.0).logsumexp(dim=-1).masked_fill(empty, float("-inf"))
+    probs = torch.exp(scores - lse.masked_fill(empty, 0.0)[..., None])
     if dropout_p > 0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     return probs @ values, lse

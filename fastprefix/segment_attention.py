@@ -51,9 +51,24 @@ class FlashCPU:
         mask = additive_mask(bias, hidden, q.dtype, q.device)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
-        if mask is not None:  # the kernel reports lse = 0 for a row that sees no key; merging needs -inf
-            lse = lse.masked_fill(torch.isneginf(mask).all(dim=-1), NEG_INF)
+        if mask is not None:  # the kernel reports out = 0, lse = 0 for a row that sees no key; merging needs -inf
+            empty = FlashCPU._sees_nothing(mask, causal)
+            lse = lse.masked_fill(empty, NEG_INF)
+            out = out.masked_fill(empty[..., None], 0.0)
         return out, lse
+
+    @staticmethod
+    def _sees_nothing(mask, causal) -> torch.Tensor:
+        """[.., n] bool: the query rows whose every key is hidden, by the additive `mask` (-inf) [.., n or 1, s]
+        and, when `causal` (square: query i sees keys 0 .. i), by causality too."""
+        hidden = torch.isneginf(mask)
+        if not causal:
+            return hidden.all(dim=-1)
+        # seen[..., r, j]: some key 0 .. j of mask row r is visible; query i sees nothing iff not seen[..., i, i]
+        seen = (~hidden).cummax(dim=-1).values
+        if seen.shape[-2] == 1:  # one mask row for every query
+            return ~seen[..., 0, :]
+        return ~seen.diagonal(dim1=-2, dim2=-1)
 
     @staticmethod
     def backward(dout, q, k, v, out, lse, bias, hidden, causal, scale, dropout_p, seed):

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from helpers.backends import select_backend
+
 # Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter, which must be chosen
 # before fastprefix first imports its kernels (and with them Triton).
 if not torch.cuda.is_available():
@@ -15,15 +17,13 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["reference", "torch", "torch-explicit"])
+@pytest.fixture(params=["torch", "torch-explicit"])
 def backend(request, monkeypatch):
-    """A backend name for prefix_attention on CPU tensors. "torch" picks its implementation as it would in
-    use (torch-flash unless dropout or a bias gradient needs torch-explicit); "torch-explicit" takes
-    torch-flash out of the dispatcher, leaving the implementation non-CPU devices get."""
-    from fastprefix import dispatch
+    """Each fused CPU implementation, for grids against the oracle (the oracle itself is not among them)."""
+    return select_backend(request.param, monkeypatch)
 
-    name, _, only = request.param.partition("-")
-    if only:
-        kept = tuple(i for i in dispatch.IMPLEMENTATIONS if i.backend != name or i.name == request.param)
-        monkeypatch.setattr(dispatch, "IMPLEMENTATIONS", kept)
-    return name
+
+@pytest.fixture(params=["reference", "torch", "torch-explicit"])
+def any_backend(request, monkeypatch):
+    """The oracle too, for behaviours checked against independent expectations (zeros, -inf, a softmax)."""
+    return select_backend(request.param, monkeypatch)

@@ -7,16 +7,15 @@ import gc
 
 import pytest
 import torch
-from transformers import AttentionInterface, T5EncoderModel
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import T5EncoderModel
 
 import fastprefix
 from fastprefix import prefix_attention
-from fastprefix.models import t5
 from fastprefix.compat import cache_argument, cache_of
+from fastprefix.models import t5
 from fastprefix.testing import relative_error
 from helpers.llama import quiet
-from helpers.t5 import VOCAB, batch, lazy_cache, random_prefix, tiny_t5
+from helpers.t5 import VOCAB, batch, concatenating_oracle, lazy_cache, random_prefix, tiny_t5
 
 KINDS = ("encoder", "decoder", "cross")
 DEPTHS = {"same-depth": dict(), "deeper-decoder": dict(num_layers=2, num_decoder_layers=3)}
@@ -31,12 +30,13 @@ def prefix_tensors(prefixes):
     return [t for p in prefixes.values() for t in p.keys + p.values]
 
 
-def loss_and_gradients(model, prefixes, inputs):
-    """Patched forward + backward: logits, loss and the gradients of every prefix tensor and model parameter."""
+def loss_and_gradients(model, prefixes, inputs, attending=fastprefix.patched):
+    """Forward + backward with `prefixes` (through fastprefix.patched, or `attending=concatenating_oracle`):
+    logits, loss and the gradients of every prefix tensor and model parameter."""
     leaves = prefix_tensors(prefixes) + [p for p in model.parameters() if p.requires_grad]
     for t in leaves:
         t.grad = None
-    with fastprefix.patched(model, prefixes):  # backward too: checkpointed layers recompute in it
+    with attending(model, prefixes):  # backward too: checkpointed layers recompute in it
         out = model(**inputs)
         out.loss.backward()
     return out.logits, out.loss, [t.grad for t in leaves]
@@ -45,18 +45,17 @@ def loss_and_gradients(model, prefixes, inputs):
 @pytest.mark.parametrize("trainable", ["prefix", "everything"],
                          ids=["frozen-model", "trainable-model"])
 @pytest.mark.parametrize("depth", list(DEPTHS))
-def test_all_three_kinds_match_the_concatenating_reference(depth, trainable, monkeypatch):
-    """Forward and backward against backend="reference" (prefix concatenated with the sequence keys, bias over
-    all P + S columns): logits and loss < 1e-5, every gradient < 1e-4, with padded inputs and targets.
-    A trainable model also differentiates T5's relative position bias through the prefix columns."""
+def test_all_three_kinds_match_the_concatenating_oracle(depth, trainable):
+    """Forward and backward against T5 run with every prefix concatenated to its keys (helpers.t5's oracle,
+    none of fastprefix's T5 code): logits and loss < 1e-5, every gradient < 1e-4, with padded inputs and
+    targets. A trainable model also differentiates T5's relative position bias through the prefix columns."""
     model = tiny_t5(**DEPTHS[depth])
     model.requires_grad_(trainable == "everything")
     prefixes = all_kinds(model, requires_grad=True)
     inputs = batch(torch.Generator().manual_seed(1))
     state = copy.deepcopy(model.state_dict())
     logits, loss, grads = loss_and_gradients(model, prefixes, inputs)
-    monkeypatch.setenv("FASTPREFIX_BACKEND", "reference")
-    ref_logits, ref_loss, ref_grads = loss_and_gradients(model, prefixes, inputs)
+    ref_logits, ref_loss, ref_grads = loss_and_gradients(model, prefixes, inputs, concatenating_oracle)
     assert relative_error(logits, ref_logits) < 1e-5
     assert relative_error(loss, ref_loss) < 1e-5
     assert all(g is not None for g in grads)
@@ -67,8 +66,8 @@ def test_all_three_kinds_match_the_concatenating_reference(depth, trainable, mon
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "unpatched model changed"
 
 
-def test_per_row_prefixes_match_the_concatenating_reference(monkeypatch):
-    """[B, H, P, d_kv] prefixes, one per row, in all three kinds: forward and backward against the reference."""
+def test_per_row_prefixes_match_the_concatenating_oracle():
+    """[B, H, P, d_kv] prefixes, one per row, in all three kinds: forward and backward against the oracle."""
     model = tiny_t5()
     model.requires_grad_(False)
     inputs = batch(torch.Generator().manual_seed(6))
@@ -76,54 +75,26 @@ def test_per_row_prefixes_match_the_concatenating_reference(monkeypatch):
     prefixes = {kind: fastprefix.Prefix(*([torch.randn(3, *t.shape, requires_grad=True) for t in tensors]
                                           for tensors in (p.keys, p.values))) for kind, p in shared.items()}
     logits, loss, grads = loss_and_gradients(model, prefixes, inputs)
-    monkeypatch.setenv("FASTPREFIX_BACKEND", "reference")
-    ref_logits, ref_loss, ref_grads = loss_and_gradients(model, prefixes, inputs)
+    ref_logits, ref_loss, ref_grads = loss_and_gradients(model, prefixes, inputs, concatenating_oracle)
     assert relative_error(logits, ref_logits) < 1e-5 and relative_error(loss, ref_loss) < 1e-5
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert relative_error(g, r) < 1e-4, i
 
 
-def concatenating_oracle(prefixes, first_layer):
-    """An attention function computing what the module docstring promises, the way PEFT's cache does: the
-    prefix occupies positions 0 .. P - 1 and the sequence P, P + 1, ..., so one call to T5's `compute_bias`
-    over all P + S columns gives both the prefix columns' bias and the unchanged sequence bias."""
-
-    def attention(module, query, key, value, attention_mask, *, position_bias, scaling, **kwargs):
-        prefix_k, prefix_v = prefixes[module]
-        B, N, (P, S) = query.shape[0], query.shape[2], (prefix_k.shape[1], key.shape[2])
-        bias = first_layer.compute_bias(N, P + S, past_seen_tokens=P)
-        assert torch.equal(bias[..., P:], position_bias), "relative positions within the sequence must not move"
-        keys = torch.cat([prefix_k.expand(B, -1, -1, -1), key], dim=2)
-        values = torch.cat([prefix_v.expand(B, -1, -1, -1), value], dim=2)
-        scores = query @ keys.transpose(-1, -2) * scaling + bias
-        if attention_mask is not None:
-            visible = torch.cat([attention_mask.new_ones(*attention_mask.shape[:-1], P), attention_mask], dim=-1)
-            scores = scores.masked_fill(~visible, float("-inf"))
-        return (scores.softmax(-1) @ values).transpose(1, 2), None
-
-    return attention
-
-
 def test_prefix_columns_get_the_bias_of_the_positions_just_before_the_sequence():
-    """Encoder prefix (bidirectional buckets) against the concatenating oracle above, with a long enough padded
-    input that prefix columns fall in several logarithmic buckets. The decoder's (causal buckets, offset by the
-    cache while decoding) is checked against PEFT's cache in test_t5_peft_parity.py."""
+    """Encoder prefix (bidirectional buckets) against the concatenating oracle, with a long enough padded input
+    that prefix columns fall in several logarithmic buckets. The decoder's (causal buckets, offset by the cache
+    while decoding) is checked against PEFT's cache in test_t5_peft_parity.py."""
     model = tiny_t5()
-    encoder = model.encoder
-    prefix = random_prefix(model, "encoder", P=6)
-    modules = t5.attention_modules(model)["encoder"]
-    AttentionInterface.register("concat_oracle", concatenating_oracle(
-        {m: prefix.layer(i) for i, m in enumerate(modules)}, modules[0]))
-    AttentionMaskInterface.register("concat_oracle", sdpa_mask)
+    prefixes = {"encoder": random_prefix(model, "encoder", P=6)}
     ids = torch.randint(1, VOCAB, (2, 14))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     with torch.no_grad():
-        with fastprefix.patched(model, {"encoder": prefix}):
-            out = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        encoder.config._attn_implementation = "concat_oracle"
-        expected = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        encoder.config._attn_implementation = "sdpa"
+        with fastprefix.patched(model, prefixes):
+            out = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        with concatenating_oracle(model, prefixes):
+            expected = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
     assert relative_error(out, expected) < 1e-5
 
 
@@ -262,18 +233,20 @@ def test_float_4d_mask_is_refused():
         model(input_ids=ids, attention_mask=torch.zeros(2, 1, 6, 6), decoder_input_ids=ids)
 
 
-def test_an_encoder_only_model_takes_an_encoder_prefix_and_outlives_its_dropped_handle(monkeypatch):
-    """T5EncoderModel: {"encoder": Prefix} matches the reference; the model alone keeps the patch alive
-    (regression: the handle was once kept only by decoder hooks, so an encoder-only model lost it)."""
+def test_an_encoder_only_model_takes_an_encoder_prefix_and_outlives_its_dropped_handle():
+    """T5EncoderModel: {"encoder": Prefix} matches the concatenating oracle; the model alone keeps the patch
+    alive (regression: the handle was once kept only by decoder hooks, so an encoder-only model lost it)."""
     model = tiny_t5()
     encoder_only = T5EncoderModel(model.config).eval()
     ids = torch.randint(1, VOCAB, (2, 7))
-    fastprefix.patch(encoder_only, {"encoder": random_prefix(model, "encoder")})
+    prefixes = {"encoder": random_prefix(model, "encoder")}
+    with torch.no_grad(), concatenating_oracle(encoder_only, prefixes):
+        expected = encoder_only(input_ids=ids).last_hidden_state
+    handle = fastprefix.patch(encoder_only, prefixes)
+    del handle
     gc.collect()
     with torch.no_grad():
         out = encoder_only(input_ids=ids).last_hidden_state
-        monkeypatch.setenv("FASTPREFIX_BACKEND", "reference")
-        expected = encoder_only(input_ids=ids).last_hidden_state
     assert relative_error(out, expected) < 1e-5
 
 

@@ -21,7 +21,7 @@ from fastprefix.compat import cache_argument, cache_of
 from fastprefix.dispatch import unavailable_reasons
 from fastprefix.testing import greedy_by_forward, relative_error
 from helpers.parity import assert_same_step
-from helpers.t5 import VOCAB, batch, lazy_cache, random_prefix, t5_twins, tiny_t5
+from helpers.t5 import VOCAB, batch, concatenating_oracle, lazy_cache, random_prefix, t5_twins, tiny_t5
 
 GEOMETRIES = {"d_model-40-heads-4x12": dict(), "decoder-3-over-encoder-2": dict(num_decoder_layers=3)}
 PROJECTION = {"plain": dict(prefix_projection=False), "projected": dict(prefix_projection=True,
@@ -215,7 +215,7 @@ def test_peft_forward_refused_while_patched_and_restored_after_unpatch():
 
 def test_triton_backend_matches_peft_and_the_reference(monkeypatch):
     """A smaller case on the Triton kernels (under TRITON_INTERPRET=1 on CPU), selected by FASTPREFIX_BACKEND:
-    PEFT's step and generation, and prefixes in all three kinds against the concatenating reference."""
+    PEFT's step and generation, and prefixes in all three kinds against the concatenating oracle."""
     reasons = unavailable_reasons("triton", torch.device("cpu"))
     if reasons:
         pytest.skip("Triton backend unavailable here: " + "; ".join(reasons))
@@ -239,17 +239,16 @@ def test_triton_backend_matches_peft_and_the_reference(monkeypatch):
     prefixes = {kind: random_prefix(model, kind, P=3, requires_grad=True) for kind in ("encoder", "decoder", "cross")}
     leaves = [t for p in prefixes.values() for t in p.keys + p.values]
 
-    def step():
+    def step(attending):
         for t in leaves:
             t.grad = None
-        with fastprefix.patched(model, prefixes):
+        with attending(model, prefixes):
             out = model(**inputs)
             out.loss.backward()
         return out.logits, [t.grad for t in leaves]
 
-    logits, grads = step()
-    monkeypatch.setenv("FASTPREFIX_BACKEND", "reference")
-    ref_logits, ref_grads = step()
+    logits, grads = step(fastprefix.patched)
+    ref_logits, ref_grads = step(concatenating_oracle)
     assert relative_error(logits, ref_logits) < 1e-5
     for g, r in zip(grads, ref_grads):
         assert relative_error(g, r) < 1e-4

@@ -1,13 +1,16 @@
-"""Tiny randomly initialised T5 / mT5 models, PEFT prefix-tuning twins and prefixes."""
+"""Tiny randomly initialised T5 / mT5 models, PEFT prefix-tuning twins, prefixes, and an oracle that runs T5
+with prefixes concatenated to its keys."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from peft import PrefixTuningConfig, get_peft_model
-from transformers import DynamicCache, EncoderDecoderCache, MT5Config, MT5ForConditionalGeneration, T5Config
-from transformers import T5ForConditionalGeneration
+from transformers import (AttentionInterface, DynamicCache, EncoderDecoderCache, MT5Config, MT5ForConditionalGeneration,
+                          PreTrainedModel, T5Config, T5ForConditionalGeneration)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import fastprefix
 from helpers.llama import padded_batch
@@ -72,3 +75,59 @@ def lazy_cache():
     cache it makes by config.num_layers (the encoder's layers), too few when num_decoder_layers is larger."""
     return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
+
+
+def _attention_modules(model):
+    """{module: (kind, layer)} of every T5 attention module, found independently of fastprefix's T5 code."""
+    base = model.base_model
+    found = {block.layer[0].SelfAttention: ("encoder", i) for i, block in enumerate(base.encoder.block)}
+    decoder = getattr(base, "decoder", None)
+    for i, block in enumerate(decoder.block if decoder is not None else ()):
+        found[block.layer[0].SelfAttention] = ("decoder", i)
+        found[block.layer[1].EncDecAttention] = ("cross", i)
+    return found
+
+
+@contextlib.contextmanager
+def concatenating_oracle(model, prefixes):
+    """Run `model` (its full forward, no cache) with every attention over [prefix ; sequence] keys, the prefix
+    concatenated as PEFT's cache would hold it: at positions 0 .. P - 1, the sequence at P, P + 1, ..., so one
+    `compute_bias` of the stack's first layer over all P + S columns gives the prefix columns their bias; cross-
+    attention has none. `prefixes`: {kind: fastprefix.Prefix}, kinds among "encoder", "decoder", "cross". An
+    oracle for fastprefix's T5 patching that shares none of its code."""
+    where = _attention_modules(model)
+    first = {kind: module for module, (kind, layer) in where.items() if layer == 0 and kind != "cross"}
+
+    def attention(module, query, key, value, attention_mask, *, position_bias, scaling, dropout=0.0, **kwargs):
+        assert dropout == 0.0, "the oracle runs without attention dropout"
+        kind, layer = where[module]
+        B, N, S = query.shape[0], query.shape[2], key.shape[2]
+        prefix_k, prefix_v = (prefixes[kind].layer(layer) if kind in prefixes
+                              else (key.new_zeros(key.shape[1], 0, key.shape[3]),) * 2)
+        if prefix_k.dim() == 3:
+            prefix_k, prefix_v = prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)
+        P = prefix_k.shape[2]
+        scores = query @ torch.cat([prefix_k, key], dim=2).transpose(-1, -2) * scaling
+        if kind != "cross":
+            bias = first[kind].compute_bias(N, P + S, past_seen_tokens=P)
+            assert torch.equal(bias[..., P:], position_bias), "relative positions within the sequence must not move"
+            scores = scores + bias
+        visible = torch.ones(B, 1, N, P + S, dtype=torch.bool)
+        if attention_mask is not None:
+            visible[..., P:] = attention_mask
+        elif kind == "decoder":
+            visible[..., P:] = torch.ones(N, S, dtype=torch.bool).tril()
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        return (probs @ torch.cat([prefix_v, value], dim=2)).transpose(1, 2), None
+
+    AttentionInterface.register("t5_concat_oracle", attention)
+    AttentionMaskInterface.register("t5_concat_oracle", sdpa_mask)
+    configs = {id(m.config): m.config for m in model.modules() if isinstance(m, PreTrainedModel)}.values()
+    saved = [(config, config._attn_implementation) for config in configs]
+    for config, _ in saved:
+        config._attn_implementation = "t5_concat_oracle"
+    try:
+        yield
+    finally:
+        for config, implementation in saved:
+            config._attn_implementation = implementation
