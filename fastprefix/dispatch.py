@@ -12,6 +12,7 @@ why those before it were passed over; `fastprefix info` prints every implementat
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -41,12 +42,17 @@ programs. 16 covers decoding (N = 1) and speculative steps with a few draft toke
 DECODE_MAX_HEAD_DIM = 128
 """Largest head dim the decode kernels get: their launch configs are verified spill-free by the compile report
 at D = 64 and 128 only."""
+CUDA_GRID_YZ = 65535
+"""Most programs a CUDA grid takes on its y and z axes, where the Triton kernels put query heads and rows."""
+TRITON_MIN_ARCH = 80
+"""The Triton kernels use bf16 and tf32 tensor cores and asynchronous copies: Ampere (sm_80) and newer."""
 
 
 @dataclass(frozen=True)
 class Call:
     """What dispatch looks at in a validated call. `needs_grad`: grad mode is on and some input requires
-    grad; `bias_grad`: grad mode is on and attn_bias requires grad."""
+    grad; `bias_grad`: grad mode is on and attn_bias requires grad; `features`: "mask", "bias" and "dropout"
+    where the call has them."""
 
     dims: Dims
     dtype: torch.dtype
@@ -54,14 +60,18 @@ class Call:
     dropout_p: float
     needs_grad: bool
     bias_grad: bool
+    features: frozenset = frozenset()
 
     @classmethod
-    def of(cls, q, k, v, prefix_k, prefix_v, attn_bias, dims: Dims, dropout_p: float) -> Call:
+    def of(cls, q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dims: Dims, dropout_p: float) -> Call:
         grad = torch.is_grad_enabled()
         inputs = (q, k, v, prefix_k, prefix_v, attn_bias)
+        features = frozenset(name for name, present in (("mask", attn_mask is not None),
+                                                          ("bias", attn_bias is not None), ("dropout", dropout_p > 0))
+                             if present)
         return cls(dims, q.dtype, q.device, dropout_p,
                    needs_grad=grad and any(t is not None and t.requires_grad for t in inputs),
-                   bias_grad=grad and attn_bias is not None and attn_bias.requires_grad)
+                   bias_grad=grad and attn_bias is not None and attn_bias.requires_grad, features=features)
 
     def __str__(self) -> str:
         d = self.dims
@@ -80,11 +90,16 @@ def _cpu_only(device: torch.device) -> list[str]:
     return [f"PyTorch's CPU flash-attention kernels take CPU tensors, not {device.type}"]
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_environment(device: torch.device) -> list[str]:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return ["Triton is not installed (`pip install triton`, Linux only); use backend='torch'"]
     if device.type == "cuda":
-        return []
+        return _gpu_reasons(device)
     if device.type == "cpu":
         from fastprefix import kernels
 
@@ -95,6 +110,44 @@ def _triton_environment(device: torch.device) -> list[str]:
                 "fastprefix.kernels is first imported), or use backend='torch'"]
     return [f"the Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not on "
             f"{device.type}; use backend='torch'"]
+
+
+def _gpu_reasons(device: torch.device) -> list[str]:
+    """Why the Triton kernels cannot run on this CUDA device: a ROCm (HIP) GPU, or one older than sm_80."""
+    if torch.version.hip is not None:
+        return ["the Triton kernels are tuned and verified for NVIDIA GPUs only, and this PyTorch runs on ROCm "
+                "(HIP); use backend='torch'"]
+    major, minor = torch.cuda.get_device_capability(device)
+    if 10 * major + minor < TRITON_MIN_ARCH:
+        return [f"the Triton kernels need compute capability 8.0 or newer (Ampere: bf16 and tf32 tensor cores); "
+                f"{device} is {major}.{minor}; use backend='torch'"]
+    return []
+
+
+def _launch_reasons(decode: bool) -> Callable[[Call], list[str]]:
+    """Why the Triton kernels of a call cannot be launched: rows or heads beyond CUDA's grid limits, or, on a
+    GPU, no launch config of a kernel the call runs that fits it (`kernels.tuning.Gate`)."""
+
+    def reasons(call: Call) -> list[str]:
+        found = [f"{what} = {size} is more than the {CUDA_GRID_YZ} CUDA's grid takes on the axis the Triton "
+                 f"kernels put it on" for what, size in (("B", call.dims.B), ("Hq", call.dims.Hq))
+                 if size > CUDA_GRID_YZ]
+        if call.device.type == "cuda":
+            found += _unlaunchable(call.device, max(16, 1 << (call.dims.D - 1).bit_length()), call.dtype.itemsize,
+                                   call.features, decode, call.needs_grad, call.bias_grad)
+        return found
+
+    return reasons
+
+
+@functools.lru_cache(maxsize=256)
+def _unlaunchable(device, block_d, itemsize, features, decode, needs_grad, bias_grad) -> tuple[str, ...]:
+    from fastprefix.kernels import tuning
+
+    kernels = [tuning.DECODE] if decode else [tuning.FWD]
+    if needs_grad:
+        kernels += [tuning.DQ, tuning.DKDV] + [tuning.DBIAS] * bias_grad
+    return tuple(tuning.unlaunchable(kernels, tuning.Gate.on(device, block_d, itemsize, features)))
 
 
 def _dtype_names(dtypes) -> str:
@@ -121,6 +174,7 @@ class Implementation:
     bias_grad: bool = True
     auto_devices: tuple[str, ...] | None = None
     fix: str = ""
+    launch: Callable[[Call], list[str]] = lambda call: []
 
     def input_reasons(self, call: Call) -> list[str]:
         """Why this implementation cannot take these inputs; empty when it can."""
@@ -141,7 +195,8 @@ class Implementation:
 
     def not_supported_reasons(self, call: Call) -> list[str]:
         """Why this implementation cannot run the call here; empty when it can."""
-        return self.environment(call.device) + self.input_reasons(call)
+        reasons = self.environment(call.device) + self.input_reasons(call)
+        return reasons or self.launch(call)
 
     def limits(self) -> str:
         """What it takes, in one line (for `fastprefix info`)."""
@@ -170,9 +225,10 @@ TRITON_DEVICES = "CUDA tensors (CPU tensors under TRITON_INTERPRET=1)"
 IMPLEMENTATIONS = (
     Implementation("triton-decode", "triton", triton_decode_attention, TRITON_DEVICES, _triton_environment,
                    TRITON_DTYPES, DECODE_MAX_HEAD_DIM, DECODE_MAX_N, gradients=False, dropout=False, bias_grad=False,
-                   auto_devices=("cuda",)),
+                   auto_devices=("cuda",), launch=_launch_reasons(decode=True)),
     Implementation("triton", "triton", triton_prefix_attention, TRITON_DEVICES, _triton_environment, TRITON_DTYPES,
-                   TRITON_MAX_HEAD_DIM, auto_devices=("cuda",), fix="; use backend='torch'"),
+                   TRITON_MAX_HEAD_DIM, auto_devices=("cuda",), fix="; use backend='torch'",
+                   launch=_launch_reasons(decode=False)),
     Implementation("torch-flash", "torch", _torch_engine(FlashCPU), "CPU tensors", _cpu_only, dropout=False,
                    bias_grad=False),
     Implementation("torch-explicit", "torch", _torch_engine(Explicit), "tensors of any device"),

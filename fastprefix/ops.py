@@ -42,7 +42,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, a
     if not isinstance(backend, str):
         raise TypeError(f"prefix_attention: `backend` must be a str, got {type(backend).__name__}.")
     dims, scale = check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, scale)
-    implementation = select(backend, Call.of(q, k, v, prefix_k, prefix_v, attn_bias, dims, dropout_p))
+    implementation = select(backend, Call.of(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dims, dropout_p))
     out, lse = implementation.run(q, k, v, prefix_k, prefix_v, dims, causal=causal, scale=scale, attn_mask=attn_mask,
                                   attn_bias=attn_bias, dropout_p=dropout_p)
     return (out, lse.float()) if return_lse else out

@@ -232,6 +232,32 @@ def greedy_by_forward(forward, input_ids: torch.Tensor, new_tokens: int, decoder
     return seq[:, 1:]
 
 
+def dropout_probabilities(B, Hq, Hkv, N, S, P, D, dropout_p, *, backend="triton", dtype=torch.float32, device="cpu"):
+    """(forward, backward, kept): the attention probabilities after dropout of every (row, head, query,
+    column) [B, Hq, N, P + S] as `backend`'s forward used them and as its backward used them, and the kept
+    ones (forward != 0). Equal forward and backward mean both drew the same dropout mask.
+
+    Values and a per-row prefix are one-hot per key column (column j of [prefix ; sequence] has value e_j),
+    so out[b, h, i, j] is column j's dropped probability; with dO[b, h, i] = e_(g * N + i), so is
+    dV[b, hkv, j, g * N + i]. Needs P + S <= D and (Hq // Hkv) * N <= D."""
+    G = Hq // Hkv
+    if P + S > D or G * N > D:
+        raise ValueError(f"one-hot columns and query slots need D >= P + S and D >= G * N, got D = {D}, "
+                         f"P + S = {P + S}, G * N = {G * N}")
+    q, k, _, pk, _ = make_inputs(Case(B, Hq, Hkv, N, S, P, D, shared=False), dtype, device,
+                                 requires_grad=False).tensors
+    eye = torch.eye(D, dtype=dtype, device=device)
+    pv = eye[:P].expand(B, Hkv, -1, -1).clone().requires_grad_()
+    v = eye[P: P + S].expand(B, Hkv, -1, -1).clone().requires_grad_()
+    out = prefix_attention(q, k, v, pk, pv, dropout_p=dropout_p, backend=backend)
+    dout = eye[: G * N].reshape(G, N, D).repeat(B, Hkv, 1, 1)
+    dpv, dv = torch.autograd.grad(out, (pv, v), dout)
+    forward = out[..., : P + S]
+    backward = torch.cat([dpv, dv], dim=2)[..., : G * N].reshape(B, Hkv, P + S, G, N)
+    backward = backward.permute(0, 1, 3, 4, 2).reshape(forward.shape)
+    return forward, backward, forward != 0
+
+
 class AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Records (op name, shape, storage bytes) of every tensor an aten op produces while active.
 

@@ -36,9 +36,11 @@ class TritonPrefixAttention(torch.autograd.Function):
         from fastprefix import kernels
 
         q, k, v, prefix_k, prefix_v, attn_bias, attn_mask, out, lse = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         dq, dk, dv, dpk, dpv, dbias = kernels.attention_backward(
             dout, q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, out, lse, causal=ctx.causal,
-            scale=ctx.scale, dropout_p=ctx.dropout_p, seed=ctx.seed, bias_grad=ctx.needs_input_grad[5])
+            scale=ctx.scale, dropout_p=ctx.dropout_p, seed=ctx.seed, sequence_grad=needs[1] or needs[2],
+            prefix_grad=needs[3] or needs[4], bias_grad=needs[5])
         return dq, dk, dv, dpk, dpv, dbias, None, None, None, None
 
 

@@ -60,8 +60,9 @@ def _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, k_ti
         zero = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         qk = dot(q, tl.trans(k), zero, UPCAST=UPCAST, PRECISION=PRECISION)
         dp = dot(do, tl.trans(v), zero, UPCAST=UPCAST, PRECISION=PRECISION)
+        kj64 = kj.to(tl.int64)  # column x stride may pass 2**31 (a transposed bias or mask)
         _, ds = grad_scores(qk, dp, lse2[:, None], delta[:, None], qi, kj, n_q, n_keys, shift, scale_log2,
-                            bias_rows + kj * stride_bj, mask_rows + kj * stride_mj, seed, drop_rows, col0 + kj,
+                            bias_rows + kj64 * stride_bj, mask_rows + kj64 * stride_mj, seed, drop_rows, col0 + kj,
                             dropout_p, BOUNDS=BOUNDS, CAUSAL=CAUSAL, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK,
                             DROPOUT=DROPOUT)
         dq = dot(ds.to(k.dtype), k, dq, UPCAST=UPCAST, PRECISION=PRECISION)
@@ -105,16 +106,17 @@ def _dq_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DQ,
         DROPOUT=DROPOUT, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION)
 
     full_hi, hi = sequence_ranges(m0, shift, S, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    seq_bias_rows = bias_rows + tl.cast(P, tl.int64) * stride_bj
     k_base, v_base, k_tile, v_tile = kv_tiles(K, V, b, hkv, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                                               stride_vh, stride_vn, stride_vd, offs_n, offs_d)
     dq = _dq_stage(
         dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, k_tile, v_tile, 0, full_hi, S, offs_n, d_ok,
-        qi, N, shift, scale_log2, bias_rows + P * stride_bj, stride_bj, mask_rows, stride_mj, seed, drop_rows, P,
+        qi, N, shift, scale_log2, seq_bias_rows, stride_bj, mask_rows, stride_mj, seed, drop_rows, P,
         dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOUNDS=False, CAUSAL=False, HAS_BIAS=HAS_BIAS,
         HAS_MASK=HAS_MASK, DROPOUT=DROPOUT, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION)
     dq = _dq_stage(
         dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, k_tile, v_tile, full_hi, hi, S, offs_n, d_ok,
-        qi, N, shift, scale_log2, bias_rows + P * stride_bj, stride_bj, mask_rows, stride_mj, seed, drop_rows, P,
+        qi, N, shift, scale_log2, seq_bias_rows, stride_bj, mask_rows, stride_mj, seed, drop_rows, P,
         dropout_p, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOUNDS=True, CAUSAL=CAUSAL, HAS_BIAS=HAS_BIAS,
         HAS_MASK=HAS_MASK, DROPOUT=DROPOUT, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION)
 
@@ -328,7 +330,8 @@ def _dbias_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DB,
             total += ds
         else:
             cols = start + offs_n
-            tl.store(out_base[:, None] + cols[None, :] * stride_dbj, ds, mask=out_ok[:, None] & (cols < P)[None, :])
+            tl.store(out_base[:, None] + cols.to(tl.int64)[None, :] * stride_dbj, ds,
+                     mask=out_ok[:, None] & (cols < P)[None, :])
     for start in range(0, S, BLOCK_N):
         ds = _dbias_block(Q, DO, LSE2, DELTA, K, V, BIAS, MASK,
                           stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod,
@@ -342,7 +345,7 @@ def _dbias_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DB,
             total += ds
         else:
             cols = start + offs_n
-            tl.store(out_base[:, None] + (P + cols)[None, :] * stride_dbj, ds,
+            tl.store(out_base[:, None] + (P + cols).to(tl.int64)[None, :] * stride_dbj, ds,
                      mask=out_ok[:, None] & (cols < S)[None, :])
     if SUM_COLS:
         tl.store(out_base, tl.sum(total, 1), mask=out_ok)
@@ -353,13 +356,15 @@ _DKDV_MAX_BLOCK_N = max(config.block_n for config in DKDV.candidates)
 
 
 def attention_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, out, lse, *, causal: bool,
-                       scale: float, dropout_p: float, seed: int, bias_grad: bool):
+                       scale: float, dropout_p: float, seed: int, sequence_grad: bool = True, prefix_grad: bool = True,
+                       bias_grad: bool):
     """Gradients of `attention_forward` given dout [B, Hq, N, D] and the forward's out and lse.
 
     Same arguments as `attention_forward` (the same `seed` regenerates the dropout mask). Returns
     (dq, dk, dv, dprefix_k, dprefix_v, dbias): gradients shaped like their inputs in q.dtype (a shared
-    prefix's gradient summed over rows and query heads), dbias shaped like attn_bias when `bias_grad`,
-    else None. Deterministic: no atomics; partial sums are added in a fixed order.
+    prefix's gradient summed over rows and query heads); dk, dv only when `sequence_grad`, the prefix's only
+    when `prefix_grad`, dbias (shaped like attn_bias) only when `bias_grad`, else None and not launched.
+    Deterministic: no atomics; partial sums are added in a fixed order.
     """
     B, Hq, N, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
@@ -392,18 +397,20 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, 
                 shift=S - N, pairs=B * (Hq // Hkv), per_chunk=per_chunk, TUNE_KV=triton.next_power_of_2(n_keys),
                 CAUSAL=seg_causal, HAS_MASK=seg_mask, **tuned)
 
-        dk = torch.empty((B, Hkv, S, D), dtype=q.dtype, device=q.device)
-        dv = torch.empty((B, Hkv, S, D), dtype=q.dtype, device=q.device)
-        if S:
-            segment_grads(k, v, {**strides("k", k), **strides("v", v)}, S, P, dk, dv, B, Hq // Hkv, causal,
-                          attn_mask is not None)
+        dk = dv = dpk = dpv = None
+        if sequence_grad:
+            dk = torch.empty((B, Hkv, S, D), dtype=q.dtype, device=q.device)
+            dv = torch.empty((B, Hkv, S, D), dtype=q.dtype, device=q.device)
+            if S:
+                segment_grads(k, v, {**strides("k", k), **strides("v", v)}, S, P, dk, dv, B, Hq // Hkv, causal,
+                              attn_mask is not None)
         prefix_as_kv = {**prefix_strides("k", prefix_k), **prefix_strides("v", prefix_v)}
-        if P and prefix_k.dim() == 3:
+        if prefix_grad and P and prefix_k.dim() == 3:
             count, per_chunk = chunks(B * (Hq // Hkv), Hkv * triton.cdiv(P, _DKDV_MAX_BLOCK_N), q.device)
             parts = torch.empty((2, count, Hkv, P, D), dtype=torch.float32, device=q.device)
             segment_grads(prefix_k, prefix_v, prefix_as_kv, P, 0, parts[0], parts[1], count, per_chunk, False, False)
             dpk, dpv = parts.sum(1).to(q.dtype)
-        else:
+        elif prefix_grad:
             dpk = torch.empty(prefix_k.shape, dtype=q.dtype, device=q.device)
             dpv = torch.empty(prefix_v.shape, dtype=q.dtype, device=q.device)
             if P:

@@ -128,8 +128,9 @@ def fwd_stage(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_tile, v_
         start64 = tl.cast(start, tl.int64)
         k = load_rows(k_base + start64 * stride_kn + k_tile, cols < n_keys, d_ok, CHECK_ROWS=BOUNDS, EVEN_D=EVEN_D)
         qk = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST=UPCAST, PRECISION=PRECISION)
-        s = logits(qk, qi, kj, n_q, n_keys, shift, scale_log2, bias_rows + kj * stride_bj, mask_rows + kj * stride_mj,
-                   BOUNDS=BOUNDS, CAUSAL=CAUSAL, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK)
+        kj64 = kj.to(tl.int64)  # column x stride may pass 2**31 (a transposed bias or mask)
+        s = logits(qk, qi, kj, n_q, n_keys, shift, scale_log2, bias_rows + kj64 * stride_bj,
+                   mask_rows + kj64 * stride_mj, BOUNDS=BOUNDS, CAUSAL=CAUSAL, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only hidden keys keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -135,7 +135,7 @@ def _decode_rows_kernel(Q, K, V, BIAS, MASK, PART_O, PART_L,
     hi = tl.minimum(lo + per_split, n_keys)
     # Rows past the group get query index N: out of range, so no bias or mask element is read for them.
     qi = tl.where(rows_ok, i, N)[:, None]
-    bias_rows = BIAS + (b * stride_bb + h * stride_bh + i * stride_bn)[:, None] + col0 * stride_bj
+    bias_rows = BIAS + (b * stride_bb + h * stride_bh + i * stride_bn)[:, None] + tl.cast(col0, tl.int64) * stride_bj
     mask_rows = MASK + (b * stride_mb + h * stride_mh + i * stride_mn)[:, None]
     acc, l_i, m_i = fwd_stage(
         acc, l_i, m_i, q, K + b * stride_kb + hkv * stride_kh, V + b * stride_vb + hkv * stride_vh, stride_kn,

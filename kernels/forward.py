@@ -54,16 +54,17 @@ def _fwd_kernel(Q, K, V, PK, PV, BIAS, MASK, OUT, LSE,
         DROPOUT=DROPOUT, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION)
 
     full_hi, hi = sequence_ranges(m0, shift, S, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    seq_bias_rows = bias_rows + tl.cast(P, tl.int64) * stride_bj
     k_base, v_base, k_tile, v_tile = kv_tiles(K, V, b, hkv, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                                               stride_vh, stride_vn, stride_vd, offs_n, offs_d)
     acc, l_i, m_i = fwd_stage(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_tile, v_tile, 0, full_hi, S, offs_n, d_ok, qi, N,
-        shift, scale_log2, bias_rows + P * stride_bj, stride_bj, mask_rows, stride_mj, seed, drop_rows, P, dropout_p,
+        shift, scale_log2, seq_bias_rows, stride_bj, mask_rows, stride_mj, seed, drop_rows, P, dropout_p,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOUNDS=False, CAUSAL=False, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK,
         DROPOUT=DROPOUT, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION)
     acc, l_i, m_i = fwd_stage(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_tile, v_tile, full_hi, hi, S, offs_n, d_ok, qi, N,
-        shift, scale_log2, bias_rows + P * stride_bj, stride_bj, mask_rows, stride_mj, seed, drop_rows, P, dropout_p,
+        shift, scale_log2, seq_bias_rows, stride_bj, mask_rows, stride_mj, seed, drop_rows, P, dropout_p,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOUNDS=True, CAUSAL=CAUSAL, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK,
         DROPOUT=DROPOUT, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION)
 

@@ -1,19 +1,26 @@
-"""Ahead-of-time compile report: every kernel variant compiled for sm_80 and sm_90, no GPU needed.
+"""Ahead-of-time compile report: every kernel variant the launchers can use, compiled for the GPUs fastprefix
+targets, no GPU needed.
 
-    python -m fastprefix.kernels.report [--json PATH]
+    python -m fastprefix.kernels.report [--quick] [--json PATH]
 
 Variants: each kernel (forward, backward preprocess, dQ, dK/dV of the sequence or a per-row prefix, dK/dV
 of a shared prefix into fp32 partials, dBias; the decode kernels: shared prefix over stacked queries,
 split-KV over per-row keys, merge of the parts) x features ("plain": none; "all": causal, mask, bias,
-dropout, those the kernel has) x every autotune config the pruner can keep at that head dim (every launch
-config for the decode kernels) x D in {64, 128} x fp16/bf16 x sm_80/sm_90. Arguments are specialized the
-way Triton's JIT specializes a typical call (unit last-dim strides become constants, pointers and other
-strides 16-divisible).
+dropout, those the kernel has) x every launch the resource gate admits (`tuning.Gate`: the autotune configs
+the pruner can keep for a long sequence or a decoding step, the fixed launches of the other kernels) x
+D in {64, 128, 256} (the decode kernels: 64, 128) x fp16/bf16 x sm_80 (A100), sm_86 (RTX 30xx, A10), sm_89
+(RTX 40xx, L4, L40S), sm_90 (H100, H200). float32 is not launched on GPUs (`tuning.FLOAT32_ON_GPUS`: its IEEE
+dots spill at most tile sizes, which this report showed when it covered float32). `--quick` compiles a
+representative set of targets (every architecture, head dim and dtype at least once; about 2 minutes on 2
+cores) instead of all of them. Arguments are specialized the way Triton's JIT specializes a typical call (unit
+last-dim strides become constants, pointers and other strides 16-divisible).
 
 For each variant: registers, shared memory, stack, local memory and local loads/stores in the SASS
-(spills), and the tensor-core instructions present (HMMA: mma.sync, Ampere and later; HGMMA: Hopper
-wgmma). Exits 1 when a variant fails to compile, spills, or a kernel with dots has no tensor-core
-instruction. Needs Triton's compiler and the cuobjdump shipped with it; TRITON_INTERPRET must be unset.
+(spills), the tensor-core instructions present (HMMA: mma.sync, Ampere and later; HGMMA: Hopper wgmma), and
+the compile time. Exits 1 when a variant fails to compile, spills, needs more shared memory than its
+architecture allows a block, or is a kernel with dots but no tensor-core instruction. Targets where
+a kernel has no launch that fits are listed: the dispatcher sends those calls to the torch backend. Needs
+Triton's compiler and the cuobjdump shipped with it; TRITON_INTERPRET must be unset.
 """
 
 from __future__ import annotations
@@ -30,15 +37,21 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-ARCHS = (80, 90)
-HEAD_DIMS = (64, 128)
+ARCHS = (80, 86, 89, 90)
+HEAD_DIMS = (64, 128, 256)
 DTYPES = ("fp16", "bf16")
+"""float32 is not launched on GPUs (`tuning.FLOAT32_ON_GPUS`): its IEEE dots spill at most tile sizes."""
+ITEMSIZE = {"fp16": 2, "bf16": 2}
+QUICK_TARGETS = ((80, 128, "fp16"), (86, 256, "bf16"), (89, 64, "bf16"), (90, 128, "bf16"), (90, 256, "fp16"))
+"""(arch, head dim, dtype) of `--quick`: every architecture, head dim and dtype at least once, and the corners
+that matter most (D = 256 on the smallest shared memory; Hopper's wgmma at D = 128)."""
+DECODE_MAX_HEAD_DIM = 128
+"""The decode kernels take head dims up to 128 (the dispatcher sends larger heads to the general kernels)."""
 FEATURES = {
     "plain": dict(CAUSAL=False, HAS_MASK=False, HAS_BIAS=False, DROPOUT=False),
     "all": dict(CAUSAL=True, HAS_MASK=True, HAS_BIAS=True, DROPOUT=True),
 }
 DEFAULT_LAUNCH = (4, 3)  # (num_warps, num_stages) of a launch that passes neither
-SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}  # shared memory a block may opt into (A100, H100/H200)
 
 _FP32_POINTERS = {"LSE", "DELTA", "LSE2", "DB", "PART_O", "PART_L"}
 _FLOATS = {"scale", "scale_log2", "dropout_p"}
@@ -46,6 +59,13 @@ _SIZES = {"Hq", "G", "N", "S", "P", "n_keys", "col0", "shift", "pairs", "per_chu
           "TUNE_KV", "Hb", "units_h", "units_m", "units", "out_rows", "chunks", "Hkv", "n_rows", "per_split",
           "part0", "n_parts"}
 _NO_DOTS = {"bwd_preprocess", "decode_merge"}
+
+
+def targets(quick: bool) -> list[tuple[int, int, str]]:
+    """(arch, head dim, dtype) of every target compiled for."""
+    if quick:
+        return list(QUICK_TARGETS)
+    return [(arch, head_dim, dtype) for arch in ARCHS for head_dim in HEAD_DIMS for dtype in DTYPES]
 
 
 @dataclass(frozen=True)
@@ -83,11 +103,21 @@ class Result:
         if self.error:
             return [f"does not compile: {self.error}"]
         found = []
+        v = self.variant
         if self.local_bytes or self.local_accesses:
             found.append(f"spills to local memory ({self.local_bytes} B, {self.local_accesses} LDL/STL)")
-        if self.variant.has_dots and not (self.hmma or self.hgmma):
+        limit = _shared_memory_limit(v.arch)
+        if self.shared_bytes > limit:
+            found.append(f"needs {self.shared_bytes} B of shared memory, sm_{v.arch} allows {limit} per block")
+        if v.has_dots and not (self.hmma or self.hgmma):
             found.append("no tensor-core instruction (HMMA/HGMMA) in a kernel with dots")
         return found
+
+
+def _shared_memory_limit(arch: int) -> int:
+    from fastprefix.kernels.tuning import ARCH_SHARED_MEMORY
+
+    return ARCH_SHARED_MEMORY[arch]
 
 
 def _kernels():
@@ -112,30 +142,38 @@ def _constexprs(kernel: str, features: str) -> dict:
     return {**FEATURES[features], **_kernels()[kernel][1]}
 
 
-def _configs(kernel: str, arch: int, block_d: int, constexprs: dict, itemsize: int = 2):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher can use here: the autotune candidates the pruner
-    keeps for a long sequence or for a decoding step, or the launches the fixed-launch kernels take through
-    the resource gate."""
+def _gate(arch: int, head_dim: int, dtype: str, constexprs: dict):
+    from fastprefix.kernels import tuning
+
+    return tuning.Gate(arch, _shared_memory_limit(arch), _block_d(head_dim), ITEMSIZE[dtype],
+                       tuning.features_of(constexprs))
+
+
+def _configs(kernel: str, gate) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher can use at `gate`: the launches the pruner can
+    keep for a long sequence or a decoding step, or the fixed launches of an untuned kernel. Empty where no
+    launch fits (the dispatcher then runs the torch backend)."""
     from fastprefix.kernels import tuning
 
     tuned = _kernels()[kernel][3]
-    features = tuning.features_of(constexprs)
-    gate = dict(arch=arch, smem_bytes=SMEM_BYTES[arch], block_d=block_d, itemsize=itemsize)
     if kernel in ("bwd_preprocess", "decode_merge"):
         warps = tuning.MERGE_WARPS if kernel == "decode_merge" else DEFAULT_LAUNCH[0]
-        return [(tuning.preprocess_block(block_d), 0, warps, DEFAULT_LAUNCH[1])]
+        return [(tuning.preprocess_block(gate.block_d), 0, warps, DEFAULT_LAUNCH[1])]
     if kernel.startswith("decode_"):
-        gathers = constexprs["HAS_MASK"] or constexprs["HAS_BIAS"]
+        if not gate.launchable(tuning.DECODE):
+            return []
+        gathers = "mask" in gate.features or "bias" in gate.features
         preferred = {tuning.decode_preference(kernel.removeprefix("decode_"), rows, gathers) for rows in (1, 4096)}
-        launches = sorted({tuning.gated(tuning.DECODE, c, features=features, **gate) for c in preferred},
-                          key=dataclasses.astuple, reverse=True)
+        launches = sorted({gate.choose(tuning.DECODE, c) for c in preferred}, key=dataclasses.astuple, reverse=True)
     elif tuned is None:
-        launches = [tuning.gated(tuning.DBIAS, tuning.DBIAS.preferred, features=features | {"bias"}, **gate)]
+        bias_gate = dataclasses.replace(gate, features=gate.features | {"bias"})
+        fits = bias_gate.launchable(tuning.DBIAS)
+        launches = [bias_gate.choose(tuning.DBIAS, tuning.DBIAS.preferred)] if fits else []
+    elif not gate.launchable(tuned):
+        launches = []
     else:
-        launches = [config for config in tuned.candidates
-                    if any(tuning.suits_problem(tuned, config, n_q=n_q, n_kv=4096)
-                           and tuning.within_resources(tuned, config, features=features, **gate)
-                           for n_q in (1, 4096))]
+        chosen = [c for n_q in (1, 4096) for c in tuning.select(tuned, gate, n_q=n_q, n_kv=4096)]
+        launches = list(dict.fromkeys(chosen))
     return [dataclasses.astuple(c) for c in launches]
 
 
@@ -143,17 +181,28 @@ def _block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def variants() -> list[Variant]:
-    found = []
-    for name, (fn, _, _, _) in _kernels().items():
-        has_features = any(flag in fn.arg_names for flag in FEATURES["all"])
-        for features in FEATURES if has_features else ("plain",):
-            for arch in ARCHS:
-                for head_dim in HEAD_DIMS:
-                    for config in _configs(name, arch, _block_d(head_dim), _constexprs(name, features)):
-                        for dtype in DTYPES:
-                            found.append(Variant(name, features, arch, head_dim, dtype, *config))
-    return found
+def _launches(quick: bool):
+    """(kernel, features, arch, head dim, dtype, its launches) of every target; the decode kernels at the head
+    dims they take."""
+    for arch, head_dim, dtype in targets(quick):
+        for name, (fn, _, _, _) in _kernels().items():
+            if name.startswith("decode_") and head_dim > DECODE_MAX_HEAD_DIM:
+                continue
+            has_features = any(flag in fn.arg_names for flag in FEATURES["all"])
+            for features in FEATURES if has_features else ("plain",):
+                gate = _gate(arch, head_dim, dtype, _constexprs(name, features))
+                yield name, features, arch, head_dim, dtype, _configs(name, gate)
+
+
+def variants(quick: bool = False) -> list[Variant]:
+    return [Variant(name, features, arch, head_dim, dtype, *config)
+            for name, features, arch, head_dim, dtype, configs in _launches(quick) for config in configs]
+
+
+def unlaunched(quick: bool = False) -> list[str]:
+    """The (kernel, features, target) with no launch that fits: the dispatcher runs those calls on torch."""
+    return [f"{name} {features} sm_{arch} D={head_dim} {dtype}"
+            for name, features, arch, head_dim, dtype, configs in _launches(quick) if not configs]
 
 
 def _signature(fn, dtype: str, dk_dtype: str):
@@ -227,8 +276,8 @@ def compile_variant(v: Variant) -> Result:
     return result
 
 
-def run_all(workers: int | None = None) -> list[Result]:
-    todo = variants()
+def run_all(quick: bool = False, workers: int | None = None) -> list[Result]:
+    todo = variants(quick)
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         return list(pool.map(compile_variant, todo))
 
@@ -244,20 +293,26 @@ def format_table(results: list[Result]) -> str:
             f"{v.num_warps:>6}{v.num_stages:>7}{r.registers:>6}{r.shared_bytes / 1024:>9.1f}{r.stack_bytes:>6}"
             f"{r.local_bytes:>6}{r.local_accesses:>8}{r.hmma:>6}{r.hgmma:>7}  {'; '.join(r.problems) or 'ok'}")
     bad = sum(bool(r.problems) for r in results)
-    lines.append(f"{len(results)} variants compiled for sm_{'/sm_'.join(map(str, ARCHS))}; {bad} with problems "
-                 "(compile failure, local-memory spill, or dots without tensor-core instructions).")
+    archs = sorted({r.variant.arch for r in results})
+    lines.append(f"{len(results)} variants compiled for sm_{'/sm_'.join(map(str, archs))} in "
+                 f"{sum(r.seconds for r in results):.0f} s of compile time; {bad} with problems (compile failure, "
+                 "local-memory spill, shared memory over the architecture's limit, or dots without tensor-core "
+                 "instructions).")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastprefix.kernels.report", description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="PATH", help="also write every result as JSON to PATH")
+    parser.add_argument("--quick", action="store_true", help="a representative set of targets (QUICK_TARGETS)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("report: unset TRITON_INTERPRET; the interpreter cannot compile kernels ahead of time.", file=sys.stderr)
         return 2
-    results = run_all()
+    results = run_all(args.quick)
     print(format_table(results))
+    for line in unlaunched(args.quick):
+        print(f"no launch fits (the dispatcher runs these calls on backend='torch'): {line}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dict(asdict(r), problems=r.problems) for r in results], f, indent=1)

@@ -2,11 +2,12 @@
 
 A kernel's `Tuning` lists its launch candidates in order of preference, each with the condition under which
 the compile report (`python -m fastprefix.kernels.report`) found it spill-free, and its `Footprint`: the
-fp32 accumulators and input tiles one program holds. `within_resources` is the gate: accumulators within 64
-registers per thread, tiles within the device's shared memory, spill-free for the architecture, head dim and
-features. The autotuned kernels (forward, dQ, dK/dV) prune their candidates with it; the fixed launches
-(dBias, decode) take their preferred config through it. Where nothing passes, a launch takes the smallest
-tiles of its kernel with one pipeline stage. Under the interpreter every kernel runs 16 x 16 tiles.
+fp32 accumulators and input tiles one program holds. `Gate.admits` is the gate, per GPU architecture:
+accumulators within 64 registers per thread, tiles within the block's shared memory, spill-free for the
+architecture, head dim, dtype and features. The autotuned kernels (forward, dQ, dK/dV) prune their candidates
+with it; the fixed launches (dBias, decode) take their preferred config through it; where no candidate passes,
+their unpipelined versions may. A call no launch fits is not launched: the dispatcher sends it to the torch
+backend with the reason (`unlaunchable`). Under the interpreter every kernel runs 16 x 16 tiles.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class Footprint:
     """What one program holds, in tiles: fp32 accumulators of [BLOCK_M, BLOCK_D] (acc_m), [BLOCK_N, BLOCK_D]
     (acc_n) and [BLOCK_M, BLOCK_N] (acc_mn); input tiles of BLOCK_M or BLOCK_N rows x BLOCK_D loaded once
     (resident_*) or in every step of the pipelined loop (streamed_*, one copy per pipeline stage in shared
-    memory). The shared-memory estimate matches the compiler's figure for the forward on sm_90 and exceeds
-    it on sm_80."""
+    memory). The shared-memory estimate is within 20 % of the compiler's figure (which is up to 1.2x larger
+    with a mask and bias, whose tiles are staged too); the compile report checks the figure of every variant
+    the gate admits against its architecture's limit."""
 
     acc_m: int = 0
     acc_n: int = 0
@@ -78,13 +80,72 @@ class Footprint:
         return (resident + c.num_stages * streamed) * block_d * itemsize
 
 
-SpillFree = Callable[[int, int, frozenset], bool]
-"""(compute capability as 80/90, BLOCK_D, features in use among {"mask", "bias", "dropout"}) -> whether the
-compile report found the config spill-free there."""
+ARCH_SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+"""Shared memory a block may opt into, by compute capability: A100 (sm_80); RTX 30xx, A10, A40 (sm_86); RTX
+40xx, L4, L40S (sm_89); H100, H200 (sm_90). At run time the device's own figure is used."""
 
 
-def _always(arch: int, block_d: int, features: frozenset) -> bool:
+@dataclass(frozen=True)
+class Gate:
+    """What a launch must fit: the GPU (compute capability as 80 / 86 / 89 / 90, and the shared memory a block
+    may opt into) and the call (BLOCK_D, bytes per operand element, features in use among "mask", "bias",
+    "dropout")."""
+
+    arch: int
+    smem_bytes: int
+    block_d: int
+    itemsize: int
+    features: frozenset
+
+    @classmethod
+    def on(cls, device: torch.device, block_d: int, itemsize: int, features: frozenset) -> Gate:
+        """The gate of a CUDA device."""
+        major, minor = torch.cuda.get_device_capability(device)
+        smem_bytes = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        return cls(10 * major + minor, smem_bytes, block_d, itemsize, frozenset(features))
+
+    def admits(self, tuning: Tuning, config: LaunchConfig) -> bool:
+        """The resource gate: `config` of `tuning` holds its fp32 accumulators in REGISTERS_PER_THREAD registers
+        per thread, its tiles in the block's shared memory, and is spill-free here (by the compile report's
+        calibration of the candidate it derives from). No float32 launch passes (see FLOAT32_ON_GPUS)."""
+        footprint = tuning.footprint
+        return (self.itemsize < 4
+                and footprint.accumulator_elements(config, self.block_d) <= REGISTERS_PER_THREAD * 32 * config.num_warps
+                and footprint.shared_bytes(config, self.block_d, self.itemsize) <= self.smem_bytes
+                and tuning.spill_free(config)(self))
+
+    def launchable(self, tuning: Tuning) -> list[LaunchConfig]:
+        """Every launch of `tuning` the gate admits, in order of preference: its candidates, then their
+        unpipelined versions (smallest tiles first). Empty when nothing fits."""
+        unpipelined = sorted({c.unpipelined() for c in tuning.candidates} - set(tuning.candidates), key=_area)
+        return [c for c in [*tuning.candidates, *unpipelined] if self.admits(tuning, c)]
+
+    def choose(self, tuning: Tuning, preferred: LaunchConfig) -> LaunchConfig:
+        """A fixed launch: `preferred` if the gate admits it, else the first launch that fits."""
+        if self.admits(tuning, preferred):
+            return preferred
+        fits = self.launchable(tuning)
+        if not fits:
+            raise RuntimeError(f"no launch config of the {tuning.name} kernel fits {self}; the dispatcher routes "
+                               "such calls to backend='torch'")
+        return fits[0]
+
+    def __str__(self) -> str:
+        dtype = {2: "16-bit", 4: "float32"}[self.itemsize]
+        return (f"sm_{self.arch} ({self.smem_bytes / 1024:.0f} KiB of shared memory per block) at BLOCK_D "
+                f"{self.block_d} in {dtype}" + (f" with {', '.join(sorted(self.features))}" if self.features else ""))
+
+
+SpillFree = Callable[[Gate], bool]
+"""Whether the compile report found a candidate spill-free at this gate's arch, BLOCK_D, dtype and features."""
+
+
+def _always(gate: Gate) -> bool:
     return True
+
+
+def _area(config: LaunchConfig) -> int:
+    return config.block_m * config.block_n
 
 
 @dataclass(frozen=True)
@@ -101,39 +162,43 @@ class Tuning:
     def preferred(self) -> LaunchConfig:
         return next(iter(self.candidates))
 
-    @property
-    def smallest(self) -> LaunchConfig:
-        return min(self.candidates, key=lambda c: c.block_m * c.block_n)
+    def spill_free(self, config: LaunchConfig) -> SpillFree:
+        """The calibration of `config`, or of the candidate it is the unpipelined version of."""
+        for candidate, spill_free in self.candidates.items():
+            if candidate == config or candidate.unpipelined() == config:
+                return spill_free
+        raise KeyError(f"{config} is not a launch of the {self.name} kernel")
 
 
-# Calibrated with the compile report (sm_80 and sm_90, D = 64 and 128, fp16 and bf16; the BLOCK_D = 256
-# conditions from a one-off run of the same report at D = 256). In the dK/dV kernel BLOCK_N is the keys of a
-# program, BLOCK_M the queries per step.
+# Calibrated with the compile report (sm_80, sm_86, sm_89, sm_90; D = 64, 128, 256; fp16, bf16, fp32). In the
+# dK/dV kernel BLOCK_N is the keys of a program, BLOCK_M the queries per step.
 FWD = Tuning("fwd", Footprint(acc_m=1, resident_m=1, streamed_n=2), {
-    LaunchConfig(128, 64, 8, 3): lambda arch, block_d, features: not features and (arch >= 90 or block_d <= 64),
+    LaunchConfig(128, 64, 8, 3): lambda g: not g.features and (g.arch >= 90 or g.block_d <= 64),
     LaunchConfig(128, 32, 8, 3): _always,
-    LaunchConfig(64, 64, 8, 3): lambda arch, block_d, features: block_d <= 128,
-    LaunchConfig(16, 64, 4, 3): _always,
+    LaunchConfig(64, 64, 8, 3): lambda g: g.block_d <= 128,
+    LaunchConfig(16, 64, 4, 3): lambda g: g.block_d <= 128 or not g.features,
+    LaunchConfig(16, 32, 4, 2): lambda g: g.block_d > 128,  # D = 256: with a mask, bias or dropout 16 x 64 spills
 }, query_tiles=True)
 DQ = Tuning("dq", Footprint(acc_m=1, resident_m=2, streamed_n=2), {
-    LaunchConfig(128, 32, 8, 2): lambda arch, block_d, features: len(features) < 3 or (arch >= 90 and block_d <= 64),
-    LaunchConfig(64, 32, 8, 2): lambda arch, block_d, features: block_d <= 128 or arch < 90,
+    LaunchConfig(128, 32, 8, 2): lambda g: len(g.features) < 3 or (g.arch >= 90 and g.block_d <= 64),
+    LaunchConfig(64, 32, 8, 2): lambda g: g.block_d <= 128 or g.arch < 90,
     LaunchConfig(16, 32, 4, 2): _always,
 }, query_tiles=True)
 DKDV = Tuning("dkdv", Footprint(acc_n=2, resident_n=2, streamed_m=2), {
-    LaunchConfig(32, 64, 8, 2): lambda arch, block_d, features: not {"bias", "dropout"} <= features,
-    LaunchConfig(16, 64, 8, 2): lambda arch, block_d, features: (not {"bias", "dropout"} <= features or arch < 90
-                                                                 or block_d <= 64),
+    LaunchConfig(32, 64, 8, 2): lambda g: not {"bias", "dropout"} <= g.features,
+    LaunchConfig(16, 64, 8, 2): lambda g: not {"bias", "dropout"} <= g.features or g.arch < 90 or g.block_d <= 64,
     LaunchConfig(16, 32, 4, 2): _always,
-    # Only where four warps cannot hold the accumulators (BLOCK_D = 256); not covered by the report.
-    LaunchConfig(16, 32, 8, 2): lambda arch, block_d, features: block_d > 128,
+    # Only where four warps cannot hold the accumulators (BLOCK_D = 256).
+    LaunchConfig(16, 32, 8, 2): lambda g: g.block_d > 128,
 })
-DBIAS = Tuning("dbias", Footprint(acc_mn=1, streamed_m=2, streamed_n=2), {LaunchConfig(64, 32, 8, 2): _always})
+DBIAS = Tuning("dbias", Footprint(acc_mn=1, streamed_m=2, streamed_n=2), {
+    LaunchConfig(64, 32, 8, 2): lambda g: g.block_d <= 128,
+    LaunchConfig(16, 32, 8, 2): _always,  # D = 256: 64 x 32 spills on sm_90, so do four warps of 16 x 32
+})
 # Decode kernels. SMALL: at most 16 stacked queries per program (one decoding step of a KV group of <= 16
 # heads, or of a small batch for the prefix). STACKED: more; 64 rows over 8 warps, on sm_90 wgmma (HGMMA)
 # products. GATHER: the rows kernel with a mask or bias, whose per-element loads need the registers that
-# larger tiles would take (64 x 64 and 64 x 32 spill on sm_80 there, 16 x 64 on sm_90). Spill-free at D = 64
-# and 128 on sm_80 and sm_90.
+# larger tiles would take (64 x 64 and 64 x 32 spill on sm_80 there, 16 x 64 on sm_90).
 SMALL_LAUNCH = LaunchConfig(16, 64, 4, 3)
 STACKED_LAUNCH = LaunchConfig(64, 64, 8, 3)
 GATHER_LAUNCH = LaunchConfig(16, 32, 4, 3)
@@ -149,17 +214,6 @@ def features_of(flags: dict) -> frozenset:
     return frozenset(name for name, flag in FEATURE_FLAGS.items() if flags.get(flag))
 
 
-def within_resources(tuning: Tuning, config: LaunchConfig, *, arch: int, block_d: int, features: frozenset,
-                     itemsize: int, smem_bytes: int | None) -> bool:
-    """The resource gate: `config` of `tuning` holds its fp32 accumulators in REGISTERS_PER_THREAD registers
-    per thread, its tiles of `itemsize` bytes in `smem_bytes` of shared memory (when given), and is spill-free
-    for this arch, BLOCK_D and feature set."""
-    footprint = tuning.footprint
-    return (footprint.accumulator_elements(config, block_d) <= REGISTERS_PER_THREAD * 32 * config.num_warps
-            and (smem_bytes is None or footprint.shared_bytes(config, block_d, itemsize) <= smem_bytes)
-            and tuning.candidates[config](arch, block_d, features))
-
-
 def suits_problem(tuning: Tuning, config: LaunchConfig, *, n_q: int, n_kv: int, small_q_tiles: bool = False) -> bool:
     """Whether the tiles suit the problem: the query block fits the queries (16-row query tiles only for
     N <= 16, decoding, unless the kernel steps over queries or `small_q_tiles`), the key block the keys."""
@@ -168,28 +222,29 @@ def suits_problem(tuning: Tuning, config: LaunchConfig, *, n_q: int, n_kv: int, 
             and config.block_n <= max(16, n_kv))
 
 
-def device_limits(device: torch.device) -> tuple[int, int]:
-    """(compute capability as 80/90, shared memory a block may opt into) of a CUDA device."""
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor, torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+def select(tuning: Tuning, gate: Gate, *, n_q: int, n_kv: int) -> list[LaunchConfig]:
+    """The launches the autotuner times for a problem of `n_q` queries and `n_kv` keys (powers of two): the
+    first non-empty of the candidates the gate admits that suit the problem, the same with 16-row query tiles
+    for a long sequence, the unpipelined versions likewise; else the smallest tiles that fit."""
+    fits = gate.launchable(tuning)
+    if not fits:
+        raise RuntimeError(f"no launch config of the {tuning.name} kernel fits {gate}; the dispatcher routes such "
+                           "calls to backend='torch'")
+    for group in ([c for c in fits if c in tuning.candidates], [c for c in fits if c not in tuning.candidates]):
+        for small_q_tiles in (False, True):
+            suited = [c for c in group if suits_problem(tuning, c, n_q=n_q, n_kv=n_kv, small_q_tiles=small_q_tiles)]
+            if suited:
+                return suited
+    return [min(fits, key=_area)]
 
 
 def pruner(tuning: Tuning):
-    """early_config_prune for Triton's autotuner: the candidates that suit the problem and pass the gate."""
+    """early_config_prune for Triton's autotuner (`select` on the device of the call)."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        arch, smem_bytes = device_limits(args["Q"].device)
-        gate = dict(arch=arch, block_d=args["BLOCK_D"], features=features_of(args),
-                    itemsize=args["Q"].element_size(), smem_bytes=smem_bytes)
-        for small_q_tiles in (False, True):  # 16-row query tiles for long sequences only if nothing else fits
-            fits = [c for c in configs
-                    if suits_problem(tuning, LaunchConfig.of(c), n_q=args["TUNE_Q"], n_kv=args["TUNE_KV"],
-                                     small_q_tiles=small_q_tiles)
-                    and within_resources(tuning, LaunchConfig.of(c), **gate)]
-            if fits:
-                return fits
-        return [tuning.smallest.unpipelined().triton_config()]
+        gate = Gate.on(args["Q"].device, args["BLOCK_D"], args["Q"].element_size(), features_of(args))
+        return [c.triton_config() for c in select(tuning, gate, n_q=args["TUNE_Q"], n_kv=args["TUNE_KV"])]
 
     return prune
 
@@ -204,23 +259,25 @@ def autotuned(kernel, tuning: Tuning):
     return triton.autotune(configs, key=TUNE_KEY, prune_configs_by={"early_config_prune": pruner(tuning)})(kernel)
 
 
-def gated(tuning: Tuning, preferred: LaunchConfig, *, arch: int, smem_bytes: int, block_d: int,
-          features: frozenset, itemsize: int) -> LaunchConfig:
-    """A fixed launch: `preferred` if it passes the gate, else the smallest tiles of `tuning`, unpipelined."""
-    if within_resources(tuning, preferred, arch=arch, block_d=block_d, features=features, itemsize=itemsize,
-                        smem_bytes=smem_bytes):
-        return preferred
-    return tuning.smallest.unpipelined()
-
-
 def fixed_launch(tuning: Tuning, preferred: LaunchConfig, q: torch.Tensor, *, block_d: int,
                  features: frozenset) -> LaunchConfig:
-    """`gated` for a launch on q's device; the interpreter's 16 x 16 tiles there."""
+    """The launch of an untuned kernel on q's device (`Gate.choose`); the interpreter's 16 x 16 tiles there."""
     if INTERPRETED:
         return INTERPRETER_LAUNCH
-    arch, smem_bytes = device_limits(q.device)
-    return gated(tuning, preferred, arch=arch, smem_bytes=smem_bytes, block_d=block_d, features=features,
-                 itemsize=q.element_size())
+    return Gate.on(q.device, block_d, q.element_size(), features).choose(tuning, preferred)
+
+
+FLOAT32_ON_GPUS = ("float32 runs on the torch backend on GPUs: the Triton kernels' float32 (IEEE) dots spill "
+                   "registers at most tile sizes (the compile report: 107 of 289 float32 variants on sm_80 to "
+                   "sm_90); they take float32 under the interpreter only")
+
+
+def unlaunchable(tunings, gate: Gate) -> list[str]:
+    """Why a call cannot run the kernels `tunings` on the gate's GPU: one reason per kernel no launch fits."""
+    if gate.itemsize == 4:
+        return [FLOAT32_ON_GPUS]
+    return [f"no launch config of the Triton {tuning.name} kernel fits {gate}"
+            for tuning in tunings if not gate.launchable(tuning)]
 
 
 def decode_preference(kernel: str, rows: int, gathers: bool) -> LaunchConfig:

@@ -160,3 +160,83 @@ def test_from_peft_trainable_and_from_prompt_run_on_their_backend(debug_log):
         with trainable.patched(t5):
             t5(input_ids=t5_ids, decoder_input_ids=t5_ids)
     assert set(ran(debug_log)) == {"reference"}
+
+
+@pytest.fixture
+def simulate_gpu(monkeypatch):
+    """simulate_gpu(arch, smem_bytes=None): torch.cuda answers as a GPU of compute capability `arch` (80 = 8.0)
+    with `smem_bytes` of shared memory per block (the architecture's own by default). The dispatcher's cache of
+    launch reasons is emptied each time and after the test."""
+    from types import SimpleNamespace
+
+    from fastprefix.kernels.tuning import ARCH_SHARED_MEMORY
+
+    def simulate(arch, smem_bytes=None):
+        smem = smem_bytes or ARCH_SHARED_MEMORY.get(arch, 48 * 1024)
+        properties = SimpleNamespace(shared_memory_per_block_optin=smem)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: divmod(arch, 10))
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+        dispatch._unlaunchable.cache_clear()
+
+    yield simulate
+    dispatch._unlaunchable.cache_clear()
+
+
+def cuda_call(D=64, dtype=torch.float16, B=2, Hq=4, N=128, needs_grad=True, bias_grad=False, features=frozenset()):
+    dims = fastprefix.checks.Dims(B=B, Hq=Hq, Hkv=2, N=N, S=128, P=16, D=D, shared=True)
+    return dispatch.Call(dims, dtype, torch.device("cuda", 0), 0.0, needs_grad, bias_grad, frozenset(features))
+
+
+def triton_reasons(call):
+    return {impl.name: impl.not_supported_reasons(call) for impl in dispatch.implementations("triton")}
+
+
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+def test_every_supported_gpu_launches_every_head_dim_in_16_bits(arch, simulate_gpu):
+    """fp16 and bf16 at D = 64, 128, 256 with every feature and every gradient; float32 goes to torch on GPUs,
+    with the reason."""
+    simulate_gpu(arch)
+    for D in (64, 128, 256):
+        for dtype in (torch.float16, torch.bfloat16):
+            call = cuda_call(D, dtype, bias_grad=True, features={"mask", "bias", "dropout"})
+            assert triton_reasons(call)["triton"] == [], (D, dtype)
+        decode = triton_reasons(cuda_call(min(D, 128), torch.bfloat16, N=1, needs_grad=False, features={"mask"}))
+        assert decode["triton-decode"] == []
+    from fastprefix.kernels.tuning import FLOAT32_ON_GPUS
+
+    assert triton_reasons(cuda_call(64, torch.float32))["triton"] == [FLOAT32_ON_GPUS]
+    assert dispatch.select("auto", cuda_call(64, torch.float32)).name == "torch-explicit"
+
+
+def test_auto_runs_torch_with_the_reason_where_no_launch_fits(simulate_gpu, debug_log):
+    """A GPU with 16 KiB of shared memory per block fits no tile at D = 256: auto passes over Triton with the
+    reason, and backend="triton" refuses the call with it."""
+    simulate_gpu(86, smem_bytes=16 * 1024)
+    call = cuda_call(256, torch.bfloat16)
+    reasons = triton_reasons(call)["triton"]
+    assert reasons and all("fits sm_86 (16 KiB of shared memory per block) at BLOCK_D 256 in 16-bit" in r
+                           for r in reasons)
+    assert any("Triton fwd kernel" in r for r in reasons)
+    assert dispatch.select("auto", call).name == "torch-explicit"
+    assert "passed over triton: no launch config of the Triton fwd kernel fits sm_86" in debug_log.text
+    with pytest.raises(ValueError, match="backend 'triton' cannot take these inputs.*no launch config"):
+        dispatch.select("triton", call)
+
+
+def test_rocm_and_pre_ampere_gpus_are_refused_with_the_reason(simulate_gpu, monkeypatch):
+    simulate_gpu(75)
+    assert "compute capability 8.0 or newer" in dispatch.unavailable_reasons("triton", torch.device("cuda"))[0]
+    assert dispatch.select("auto", cuda_call()).backend == "torch"
+    simulate_gpu(90)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert "ROCm (HIP)" in dispatch.unavailable_reasons("triton", torch.device("cuda"))[0]
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cuda:0.*ROCm"):
+        dispatch.select("triton", cuda_call())
+
+
+def test_rows_and_heads_beyond_cuda_grid_limits_go_to_torch(simulate_gpu):
+    simulate_gpu(90)
+    for B, Hq in ((70_000, 4), (2, 70_000)):
+        reasons = triton_reasons(cuda_call(B=B, Hq=Hq))["triton"]
+        assert any("more than the 65535 CUDA's grid takes" in r for r in reasons), reasons
+    assert triton_reasons(cuda_call(B=65_535))["triton"] == []

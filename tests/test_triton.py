@@ -11,7 +11,8 @@ import torch
 
 from fastprefix import kernels, prefix_attention
 from fastprefix.kernels import common, tuning
-from fastprefix.testing import Case, compare_to_oracle, make_inputs, oracle, relative_error
+from fastprefix.testing import (Case, compare_to_oracle, dropout_probabilities, make_inputs, oracle,
+                                relative_error)
 from helpers.cases import FEATURES
 from helpers.interpreter import device, poison_launchers
 
@@ -125,35 +126,16 @@ def test_rows_that_see_nothing():
 DROPOUT_P = 0.3
 
 
-def _one_hot_inputs(B, Hq, Hkv, N, S, P, D):
-    """Per-row prefix and values one-hot per key column (column j of [prefix ; sequence] has value e_j), so
-    out[..., j] is the probability of column j after dropout."""
-    case = Case(B, Hq, Hkv, N, S, P, D, shared=False)
-    q, k, _, pk, _ = make_inputs(case, device=device(), requires_grad=False).tensors
-    eye = torch.eye(D, device=device())
-    pv = eye[:P].expand(B, Hkv, -1, -1).clone().requires_grad_()
-    v = eye[P: P + S].expand(B, Hkv, -1, -1).clone().requires_grad_()
-    return q, k, v, pk, pv
-
-
 def test_dropout_mask_is_the_same_in_forward_and_backward():
-    """Forward: with one-hot values, out[b, h, i, j] is the dropped probability of column j. Backward: with
-    dO[b, h, i] = e_(g * N + i), dV[b, hkv, j, g * N + i] is the same number. Both reveal the same mask,
-    kept at rate 1 - p, scaled by 1 / (1 - p)."""
+    """Forward and backward reveal the same mask (fastprefix.testing.dropout_probabilities), kept at rate
+    1 - p, the kept probabilities scaled by 1 / (1 - p)."""
     B, Hq, Hkv, N, S, P, D = 3, 4, 2, 16, 40, 24, 64
-    q, k, v, pk, pv = _one_hot_inputs(B, Hq, Hkv, N, S, P, D)
-    G = Hq // Hkv
     torch.manual_seed(11)
-    out = prefix_attention(q, k, v, pk, pv, dropout_p=DROPOUT_P, backend="triton")
-    dout = torch.eye(D, device=device())[: G * N].reshape(G, N, D).repeat(B, Hkv, 1, 1)
-    dpv, dv = torch.autograd.grad(out, (pv, v), dout)
-    forward = out[..., : P + S]
-    backward = torch.cat([dpv, dv], dim=2)[..., : G * N].reshape(B, Hkv, P + S, G, N)
-    backward = backward.permute(0, 1, 3, 4, 2).reshape(forward.shape)
-    kept = forward != 0
+    forward, backward, kept = dropout_probabilities(B, Hq, Hkv, N, S, P, D, DROPOUT_P, device=device())
     assert torch.equal(kept, backward != 0)
     torch.testing.assert_close(backward, forward, rtol=1e-5, atol=0)
-    probs = prefix_attention(q, k, v, pk, pv, backend="triton")[..., : P + S]
+    torch.manual_seed(11)
+    probs = dropout_probabilities(B, Hq, Hkv, N, S, P, D, 0.0, device=device())[0]
     torch.testing.assert_close(forward[kept], probs[kept] / (1 - DROPOUT_P), rtol=1e-5, atol=1e-7)
     for cols in (slice(0, P), slice(P, None)):
         rate = kept[..., cols].float().mean().item()
@@ -227,13 +209,13 @@ def test_lse_is_natural_log():
 
 class _Properties:
     def __init__(self, arch):
-        self.shared_memory_per_block_optin = {80: 163, 90: 227}[arch] * 1024  # A100, H100
+        self.shared_memory_per_block_optin = {80: 163, 86: 99, 90: 227}[arch] * 1024  # A100, RTX 3090, H100
 
 
 def _kept(monkeypatch, name, arch, *, n_q=4096, head_dim=128, mask=False, bias=False, dropout=False,
           dtype=torch.float16):
     """The (BLOCK_M, BLOCK_N, num_warps[, 1 if unpipelined]) Triton's autotuner keeps for kernel `name` on
-    an A100 (arch 80) or H100 (arch 90)."""
+    an A100 (arch 80), an RTX 3090 (86) or an H100 (90)."""
     import triton
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: divmod(arch, 10))
@@ -249,19 +231,48 @@ def _kept(monkeypatch, name, arch, *, n_q=4096, head_dim=128, mask=False, bias=F
 
 def test_pruner_keeps_what_the_compile_report_verified(monkeypatch):
     """128 x 64 forward tiles only where they do not spill (sm_90, or D <= 64; no mask, bias or dropout)
-    and fit in shared memory; 16-row query tiles for decoding, or when nothing larger fits (D = 256); when
-    nothing is known to fit (fp32 decoding on an A100), the smallest tiles with one pipeline stage."""
+    and fit in shared memory; 16-row query tiles for decoding, or when nothing larger fits (D = 256), and at
+    D = 256 with a mask, bias or dropout 16 x 32 tiles only (16 x 64 spills there). float32 is not launched on
+    GPUs: the pruner refuses it (the dispatcher sends it to the torch backend first)."""
     assert (128, 64, 8) in _kept(monkeypatch, "fwd", 90)
     assert (128, 64, 8) not in _kept(monkeypatch, "fwd", 80)
     assert (128, 64, 8) in _kept(monkeypatch, "fwd", 80, head_dim=64)
     assert (128, 64, 8) not in _kept(monkeypatch, "fwd", 90, dropout=True)
     assert _kept(monkeypatch, "fwd", 90, n_q=1) == {(16, 64, 4)}
-    assert _kept(monkeypatch, "fwd", 90, head_dim=256) == {(16, 64, 4)}
-    assert _kept(monkeypatch, "fwd", 80, head_dim=256) == {(16, 64, 4, 1)}
+    assert _kept(monkeypatch, "fwd", 90, head_dim=256) == {(16, 64, 4), (16, 32, 4)}
+    assert _kept(monkeypatch, "fwd", 90, head_dim=256, mask=True) == {(16, 32, 4)}
+    assert _kept(monkeypatch, "fwd", 80, head_dim=256) == {(16, 32, 4)}  # 16 x 64 needs 200 KB with 3 stages
     assert (128, 32, 8) not in _kept(monkeypatch, "dq", 80, mask=True, bias=True, dropout=True)
     assert (32, 64, 8) not in _kept(monkeypatch, "dkdv", 90, bias=True, dropout=True)
     assert _kept(monkeypatch, "dkdv", 90, head_dim=256) == {(16, 32, 8)}
-    # fp32 doubles the tiles: 128 x 64 forward tiles (3 stages, D = 128) need 256 KB of shared memory, and
-    # decoding's 16 x 64 tiles 200 KB: more than an A100 has, so they run with one pipeline stage.
-    assert (128, 64, 8) not in _kept(monkeypatch, "fwd", 90, dtype=torch.float32)
-    assert _kept(monkeypatch, "fwd", 80, n_q=1, dtype=torch.float32) == {(16, 64, 4, 1)}
+    with pytest.raises(RuntimeError, match="no launch config of the fwd kernel fits sm_90"):
+        _kept(monkeypatch, "fwd", 90, dtype=torch.float32)
+
+
+def test_inputs_that_need_no_gradient_get_no_gradient_kernel(monkeypatch):
+    """A frozen prefix (prefix tuning's base model, a shared prompt) gets no dK/dV launch; frozen sequence keys
+    and values none either. The gradients that are asked for match the oracle."""
+    from fastprefix.kernels import backward
+
+    launches, dkdv = [], backward._dkdv
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return dkdv[grid]
+
+    monkeypatch.setattr(backward, "_dkdv", Recorder())
+    inp = make_inputs(Case(B=2, Hq=4, Hkv=2, N=9, S=11, P=5, D=32, causal=True), device=device())
+    q, k, v, pk, pv = inp.tensors
+    cases = (((pk, pv), (q, k, v), 1), ((k, v), (q, pk, pv), 1), ((k, v, pk, pv), (q,), 0))
+    for frozen, wanted, expected_launches in cases:
+        for t in inp.tensors:
+            t.requires_grad_(not any(t is f for f in frozen))
+        launches.clear()
+        out = prefix_attention(*inp.tensors, **inp.options, backend="triton")
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, wanted, dout)
+        assert len(launches) == expected_launches
+        ref_out, _, leaves = oracle(inp)
+        ref = torch.autograd.grad(ref_out, [l for l in leaves if l.requires_grad], dout.double())
+        assert all((g.double() - r).abs().max() < 1e-5 for g, r in zip(grads, ref))

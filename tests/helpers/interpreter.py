@@ -27,3 +27,4 @@ def poison_launchers(monkeypatch):
 
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
