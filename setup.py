@@ -8,7 +8,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["fastprefix", "fastprefix.models", "fastprefix.kernels"],
-    package_dir={"fastprefix.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "triton>=3.4; platform_system == 'Linux'",  # triton.knobs

@@ -32,14 +32,13 @@ MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 80
 
 
 def package_files() -> dict[str, pathlib.Path]:
-    """Module name -> source file of every module of the installed package (kernels/ is fastprefix.kernels)."""
+    """Module name -> source file of every module of the installed package."""
     found = {}
-    for directory, package in ((ROOT / "fastprefix", "fastprefix"), (ROOT / "kernels", "fastprefix.kernels")):
-        for path in directory.rglob("*.py"):
-            parts = [package, *path.relative_to(directory).with_suffix("").parts]
-            if parts[-1] == "__init__":
-                parts.pop()
-            found[".".join(parts)] = path
+    for path in (ROOT / "fastprefix").rglob("*.py"):
+        parts = ["fastprefix", *path.relative_to(ROOT / "fastprefix").with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = path
     return found
 
 
@@ -131,7 +130,7 @@ def test_each_module_imports_alone_in_a_fresh_interpreter():
     assert failed == []
 
 
-@pytest.mark.parametrize("tree", ["fastprefix", "kernels", "tests", "bench"])
+@pytest.mark.parametrize("tree", ["fastprefix", "tests", "bench"])
 def test_modules_and_functions_are_short(tree):
     long = []
     for path in sorted((ROOT / tree).rglob("*.py")):
