@@ -12,11 +12,12 @@ setup(
         "torch>=2.4",
         "triton>=3.4; platform_system == 'Linux'",  # triton.knobs
         "transformers>=5.20",
+        "safetensors",  # Prefix.save, TrainablePrefix.save_pretrained
         "tqdm",  # the CLI's progress bars
     ],
     extras_require={
         "bench": ["peft>=0.21", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "peft>=0.21", "matplotlib", "gguf"],
+        "test": ["pytest", "pytest-benchmark", "peft>=0.21", "accelerate", "matplotlib", "gguf"],  # accelerate: Trainer
     },
     entry_points={"console_scripts": ["fastprefix=fastprefix.cli:main"]},
 )

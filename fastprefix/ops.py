@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import torch
+
 from .checks import check_inputs
 from .dispatch import Call, select
+
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, attn_mask=None, attn_bias=None,
@@ -35,7 +39,22 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, a
     Returns:
         out [B, Hq, N, D] in q.dtype, and lse if `return_lse`. A row that sees no key gets out = 0 and
         lse = -inf.
+
+    Under `torch.autocast` for q's device, like `scaled_dot_product_attention`: q, k, v, the prefix and
+    attn_bias are cast to the autocast dtype (float64 is left alone) and the result is in that dtype;
+    gradients reach the tensors as given.
     """
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        device_type = q.device.type
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t
+
+        with torch.autocast(device_type, enabled=False):
+            return prefix_attention(cast(q), cast(k), cast(v), cast(prefix_k), cast(prefix_v), causal=causal,
+                                    scale=scale, attn_mask=attn_mask, attn_bias=cast(attn_bias),
+                                    dropout_p=dropout_p, return_lse=return_lse, backend=backend)
     for name, flag in (("causal", causal), ("return_lse", return_lse)):
         if not isinstance(flag, bool):
             raise TypeError(f"prefix_attention: `{name}` must be a bool, got {type(flag).__name__}.")

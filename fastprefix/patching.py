@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from .dispatch import check_backend
-from .models import ATTN_IMPLEMENTATION, family_of
+from .models import ATTN_IMPLEMENTATION, family_of, signature
 from .models.base import Family, Geometry, LayerPrefix, Site
 
 # Attention module -> (weak reference to its handle, attention kind, layer index) for every patched model;
@@ -53,6 +53,13 @@ def check_prefix(prefix, geometry: Geometry, model: nn.Module, where: str) -> No
                 f"with one [Hkv={geometry.num_kv_heads}, P, D={geometry.head_dim}] tensor per layer "
                 f"({geometry.num_layers} layers)."
             )
+    source = getattr(prefix, "source", None)
+    if source is not None and source != signature(model):
+        raise ValueError(
+            f"fastprefix: the prefix for {where} was computed by a model of signature {source}, but {name} has "
+            f"{signature(model)} (another model type or config); compute it with this model "
+            "(Prefix.from_prompt(model, input_ids)), or build Prefix(keys, values) without a source."
+        )
     if prefix.dtype != model.dtype or prefix.device != model.device:
         raise ValueError(
             f"fastprefix: the prefix for {where} is {prefix.dtype} on {prefix.device} but {name} is {model.dtype} on "

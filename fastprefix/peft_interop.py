@@ -16,9 +16,9 @@ values at 2l + 1), placed where PEFT's cache places them:
   decoder layer l shares between self- and cross-attention; fastprefix reproduces that (see
   `shared_cache_attention`), and `validate` warns about what it means.
 
-The base model is patched (`patching`) for as long as the returned module is in use, so gradients reach
-PEFT's own parameters, gradient checkpointing works (the prefix is not in the cache that checkpointing
-disables), and `generate` keeps the prefix out of its cache.
+The base model is patched (`patching`) until `unpatch()`, so gradients reach PEFT's own parameters, gradient
+checkpointing works (the prefix is not in the cache that checkpointing disables), and `generate` keeps the
+prefix out of its cache.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .compat import CACHE_ARGUMENTS
+from .dispatch import check_backend
 from .models import family_of, t5
 from .patching import patch_family
 from .prefix import Prefix
@@ -71,60 +72,53 @@ def _reentrant_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-class PeftPrefixModel(nn.Module):
-    """A PEFT prefix-tuning model (causal LM or seq2seq LM) whose prefix runs through fastprefix. Built by
-    `from_peft`.
+class PeftPrefixModel:
+    """A PEFT prefix-tuning model (causal LM or seq2seq LM) whose prefix runs through fastprefix.
 
-    `model(...)` takes the arguments of PEFT's forward and returns the base model's output (logits, loss);
-    a `decoder_attention_mask` covers the decoder tokens only (PEFT prepends ones for its prefix itself).
-    `model.generate(...)` is the base model's `generate` with the prefix. `peft_model` stays the owner of
-    the parameters: an optimizer on `peft_model.parameters()` trains this module. While this module is in
-    use, call the model through it (PEFT's own forward would add its prefix on top of fastprefix's and is
-    refused); `unpatch()` hands `peft_model` back unchanged.
+    `from_peft(peft_model)` gives `peft_model` itself this class, mixed into its own PEFT class (for
+    `PeftModelForCausalLM`, `FastPrefixPeftModelForCausalLM`), so it stays a PEFT model to PEFT, transformers'
+    `Trainer` and accelerate: the same object, parameters, state dict, `save_pretrained` and `load_adapter`
+    (checkpoints are plain PEFT adapters), while its forward and `generate` attend to the prefix through
+    fastprefix. `model(...)` takes the arguments of PEFT's forward and returns the base model's output
+    (logits, loss); a `decoder_attention_mask` covers the decoder tokens only (PEFT prepends ones for its
+    prefix itself). `unpatch()` gives the model back its own class and its base model its attention, exactly
+    as before.
     """
 
-    def __init__(self, peft_model, backend: str = "auto"):
-        super().__init__()
-        self.peft_model = peft_model
-        config = peft_model.active_peft_config
-        self._seq2seq = enum_value(config.task_type) == "SEQ_2_SEQ_LM"
-        self._shared_cache = self._seq2seq and config.num_transformer_submodules == 1
-        base = peft_model.get_base_model()
-        family = PEFT_SHARED_CACHE_FAMILY if self._shared_cache else family_of(base)
-        with torch.no_grad():
-            self._handle = patch_family(base, self.prefix(), family, backend)
-        self._guard = peft_model.register_forward_pre_hook(_refuse_direct_call)
+    @property
+    def peft_model(self):
+        """The PEFT model (this very object)."""
+        return self
 
     def prefix(self) -> Prefix | dict[str, Prefix]:
         """The prefix of PEFT's active adapter where PEFT places it (see the module docstring): a `Prefix` for
         a causal LM, {kind: Prefix} for a seq2seq LM; one [Hkv, P, D] key and value tensor per layer, views of
         the prompt encoder's output computed once (differentiable with respect to its parameters)."""
-        peft_model = self.peft_model
-        config = peft_model.active_peft_config
-        encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+        config = self.active_peft_config
+        encoder = self.prompt_encoder[self.active_adapter]
         P, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
         if config.inference_mode:
             # As in PEFT's get_prompt: in inference mode the embedding holds the prefix itself.
             flat = encoder.embedding.weight
         else:
-            tokens = peft_model.prompt_tokens[peft_model.active_adapter][:P].to(encoder.embedding.weight.device)
+            tokens = self.prompt_tokens[self.active_adapter][:P].to(encoder.embedding.weight.device)
             flat = encoder(tokens)
-        if peft_model.base_model_torch_dtype is not None:
-            flat = flat.to(peft_model.base_model_torch_dtype)
+        if self.base_model_torch_dtype is not None:
+            flat = flat.to(self.base_model_torch_dtype)
         kv = flat.view(P, 2 * layers, heads, config.token_dim // heads).permute(1, 2, 0, 3)
-        if self._seq2seq and not self._shared_cache:
-            slots = [4 * layer % (2 * layers) for layer in range(layers)]
-            return {"decoder": Prefix([kv[s] for s in slots], [kv[s + 1] for s in slots])}
-        prefix = Prefix(list(kv[0::2]), list(kv[1::2]))
-        return {"decoder": prefix, "cross": prefix} if self._shared_cache else prefix
+        seq2seq, shared_cache = _layout(config)
+        slots = key_slots(layers, seq2seq and not shared_cache)
+        prefix = Prefix([kv[s] for s in slots], [kv[s + 1] for s in slots])
+        if seq2seq:
+            return {"decoder": prefix, "cross": prefix} if shared_cache else {"decoder": prefix}
+        return prefix
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        self._require_patched()
         if task_ids is not None:
             raise ValueError("fastprefix: `task_ids` select a task of multitask prompt tuning; prefix tuning has "
                              "none. Drop the argument.")
-        base = self.peft_model.get_base_model()
+        base = self.get_base_model()
         if base.training and torch.is_grad_enabled() and _reentrant_checkpointing(base):
             raise RuntimeError(
                 "fastprefix: gradient checkpointing with use_reentrant=True runs a separate backward per layer, "
@@ -133,7 +127,7 @@ class PeftPrefixModel(nn.Module):
                 "model.gradient_checkpointing_enable() (non-reentrant, the transformers default) or with "
                 "gradient_checkpointing_kwargs={'use_reentrant': False}."
             )
-        self._handle.set_prefix(self.prefix())
+        self._fastprefix_handle.set_prefix(self.prefix())
         return base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                     return_dict=return_dict, **kwargs)
@@ -146,8 +140,7 @@ class PeftPrefixModel(nn.Module):
         decoder then runs without a cache, over the whole sequence at every token (which is what greedy
         decoding by PEFT's forward computes).
         """
-        self._require_patched()
-        if self._shared_cache:
+        if _layout(self.active_peft_config)[1]:
             given = ["use_cache=True"] * bool(kwargs.get("use_cache")) + [
                 name for name in CACHE_ARGUMENTS if kwargs.get(name) is not None]
             if given:
@@ -159,34 +152,50 @@ class PeftPrefixModel(nn.Module):
                 )
             kwargs["use_cache"] = False
         with torch.no_grad():
-            self._handle.set_prefix(self.prefix())
-        return self.peft_model.get_base_model().generate(*args, **kwargs)
+            self._fastprefix_handle.set_prefix(self.prefix())
+        return self.get_base_model().generate(*args, **kwargs)
 
     def unpatch(self) -> None:
-        """Restore `peft_model` and its base model exactly; this module can no longer be called."""
-        self._require_patched()
-        self._handle.unpatch()
-        self._guard.remove()
-
-    def _require_patched(self) -> None:
-        if not self._handle.active:
-            raise RuntimeError("fastprefix: this model was unpatched; call fastprefix.from_peft(peft_model) again.")
+        """Give the model back its own PEFT class and its base model its attention, exactly as before."""
+        self._fastprefix_handle.unpatch()
+        self.__class__ = self._fastprefix_peft_class
+        del self._fastprefix_handle, self._fastprefix_peft_class
 
 
-def _refuse_direct_call(module, args):
-    raise RuntimeError(
-        "fastprefix: this PeftModel is patched by fastprefix.from_peft; PEFT's own forward would add its prefix "
-        "a second time. Call the module from_peft returned, or its unpatch() first."
-    )
+def key_slots(num_layers: int, decoder_of_two_submodules: bool) -> list[int]:
+    """The prompt-encoder slot PEFT gives layer l's keys (its values: the next slot): 2l, or for T5's decoder
+    self-attention with num_transformer_submodules=2, 4l mod 2L (PEFT doubles the 2L slots and hands layer l
+    four of them)."""
+    step = 4 if decoder_of_two_submodules else 2
+    return [step * layer % (2 * num_layers) for layer in range(num_layers)]
 
 
-def from_peft(peft_model, *, backend: str = "auto") -> PeftPrefixModel:
-    """Wrap a `PeftModelForCausalLM` or `PeftModelForSeq2SeqLM` with a `PrefixTuningConfig` so it runs on
-    fastprefix (see `PeftPrefixModel`), every attention call on `backend` (as in `patch`). Checks the config
-    against the model first (`validate`), so a config PEFT would fail on deep inside a forward is refused here
-    with the fix."""
+def _layout(config) -> tuple[bool, bool]:
+    """(seq2seq, PEFT's shared-cache layout) of a PrefixTuningConfig."""
+    seq2seq = enum_value(config.task_type) == "SEQ_2_SEQ_LM"
+    return seq2seq, seq2seq and config.num_transformer_submodules == 1
+
+
+_FAST_CLASSES: dict[type, type] = {}
+
+
+def _fast_class(peft_class: type) -> type:
+    """`PeftPrefixModel` mixed into `peft_class` (one class per PEFT class)."""
+    if peft_class not in _FAST_CLASSES:
+        _FAST_CLASSES[peft_class] = type(f"FastPrefix{peft_class.__name__}", (PeftPrefixModel, peft_class),
+                                         {"__module__": __name__})
+    return _FAST_CLASSES[peft_class]
+
+
+def from_peft(peft_model, *, backend: str = "auto"):
+    """Make a `PeftModelForCausalLM` or `PeftModelForSeq2SeqLM` with a `PrefixTuningConfig` run on fastprefix
+    (see `PeftPrefixModel`), every attention call on `backend` (as in `patch`), and return it. Checks the
+    config against the model first (`validate`), so a config PEFT would fail on deep inside a forward is refused
+    here with the fix. A model already made so is returned as it is (`peft_model.unpatch()` undoes it)."""
     from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
 
+    if isinstance(peft_model, PeftPrefixModel):
+        return peft_model
     if not isinstance(peft_model, (PeftModelForCausalLM, PeftModelForSeq2SeqLM)):
         raise TypeError(
             f"fastprefix.from_peft: expected a peft PeftModelForCausalLM or PeftModelForSeq2SeqLM (get_peft_model("
@@ -194,4 +203,16 @@ def from_peft(peft_model, *, backend: str = "auto") -> PeftPrefixModel:
             f"{type(peft_model).__name__}."
         )
     validate(peft_model.active_peft_config, peft_model.get_base_model())
-    return PeftPrefixModel(peft_model, backend)
+    check_backend(backend, peft_model.get_base_model().device, "fastprefix.from_peft")
+    peft_class = type(peft_model)
+    peft_model.__class__ = _fast_class(peft_class)
+    family = PEFT_SHARED_CACHE_FAMILY if _layout(peft_model.active_peft_config)[1] else family_of(
+        peft_model.get_base_model())
+    try:
+        with torch.no_grad():
+            handle = patch_family(peft_model.get_base_model(), peft_model.prefix(), family, backend)
+    except BaseException:
+        peft_model.__class__ = peft_class
+        raise
+    peft_model._fastprefix_handle, peft_model._fastprefix_peft_class = handle, peft_class
+    return peft_model

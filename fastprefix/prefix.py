@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import torch
 
 from .checks import shape_text
-from .models import ATTN_IMPLEMENTATION, family_of
+from .models import ATTN_IMPLEMENTATION, family_of, signature
 from .patching import patched
 
 _LAYOUT = "[Hkv, P, D] (shared by every row) or [B, Hkv, P, D] (one per row)"
+_FORMAT = "fastprefix-prefix-1"
 
 
 class Prefix:
@@ -23,10 +24,12 @@ class Prefix:
     P, P + 1, ...
 
     All layers must share one shape, dtype and device. Tensors are kept as given (views included), so a
-    prefix computed by a module keeps its autograd graph.
+    prefix computed by a module keeps its autograd graph. `source`: the `models.signature` of the model the
+    keys and values come from, when known (`from_prompt` sets it, `save` and `load` keep it); `patch` refuses
+    the prefix on a model with another.
     """
 
-    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
+    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, source: str | None = None):
         for name, seq in (("keys", keys), ("values", values)):
             if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
                 raise TypeError(
@@ -61,6 +64,7 @@ class Prefix:
                     )
         self.keys: tuple[torch.Tensor, ...] = tuple(keys)
         self.values: tuple[torch.Tensor, ...] = tuple(values)
+        self.source = source
 
     @classmethod
     def from_prompt(cls, model, input_ids: torch.Tensor, *, backend: str = "auto") -> Prefix:
@@ -94,7 +98,36 @@ class Prefix:
             nothing = torch.empty(g.num_kv_heads, 0, g.head_dim, dtype=model.dtype, device=model.device)
             no_prefix[kind] = cls([nothing] * g.num_layers, [nothing] * g.num_layers)
         with torch.no_grad(), patched(model, no_prefix, backend=backend):
-            return cls(*family.prompt_kv(model, ids))
+            return cls(*family.prompt_kv(model, ids), source=signature(model))
+
+    def save(self, path) -> None:
+        """Write the keys and values to a safetensors file at `path`, with what `load` and `patch` check: the
+        layer count, KV heads, P, head dim, dtype, layout and `source`. Another process can `load` it instead of
+        running the prompt again."""
+        from safetensors.torch import save_file
+
+        tensors = {f"{name}.{i}": t.detach().contiguous()
+                   for name, seq in (("keys", self.keys), ("values", self.values)) for i, t in enumerate(seq)}
+        metadata = dict(format=_FORMAT, layers=self.num_layers, kv_heads=self.num_kv_heads, length=self.length,
+                        head_dim=self.head_dim, dtype=str(self.dtype).removeprefix("torch."), shared=self.shared,
+                        source=self.source or "")
+        save_file(tensors, str(path), metadata={key: str(value) for key, value in metadata.items()})
+
+    @classmethod
+    def load(cls, path, device=None) -> Prefix:
+        """The prefix `save` wrote to `path`, on `device` (default: the CPU)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != _FORMAT:
+                raise ValueError(f"Prefix.load: {path} is not a prefix written by Prefix.save (its metadata names no "
+                                 f"{_FORMAT!r} format); a PEFT adapter directory loads with "
+                                 "TrainablePrefix.from_pretrained or peft.PeftModel.from_pretrained.")
+            layers = int(metadata["layers"])
+            keys = [f.get_tensor(f"keys.{i}") for i in range(layers)]
+            values = [f.get_tensor(f"values.{i}") for i in range(layers)]
+        return cls(keys, values, source=metadata["source"] or None)
 
     @property
     def num_layers(self) -> int:

@@ -61,10 +61,17 @@ def smollm2():
         package = os.path.dirname(spec.origin)
         tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-        model.hf_quantizer = None  # the weights are de-quantized float32; let save_pretrained write them
+        # The weights are de-quantized float32: let save_pretrained write them, and write a config without the
+        # GGUF quantization, which Trainer would refuse to train.
+        model.hf_quantizer = None
+        del model.config.quantization_config
         model.save_pretrained(cache)
         tokenizer.save_pretrained(cache)
-    return AutoModelForCausalLM.from_pretrained(cache).eval(), AutoTokenizer.from_pretrained(cache)
+    config = AutoConfig.from_pretrained(cache)
+    if hasattr(config, "quantization_config"):  # a cache written before the line above existed
+        del config.quantization_config
+        config.save_pretrained(cache)
+    return AutoModelForCausalLM.from_pretrained(cache, config=config).eval(), AutoTokenizer.from_pretrained(cache)
 
 
 def load_models(name: str) -> list[torch.nn.Module]:

@@ -145,17 +145,27 @@ def test_reentrant_checkpointing_is_refused():
         fast(**training_batch(torch.Generator().manual_seed(7)))
 
 
-def test_peft_forward_refused_while_patched_and_restored_after_unpatch():
+def test_from_peft_makes_the_peft_model_itself_run_on_fastprefix_until_unpatched():
+    """from_peft returns the PEFT model itself, still a PeftModelForCausalLM with PEFT's state dict, whose
+    forward now runs on fastprefix with PEFT's logits; a second call returns it as it is; unpatch gives it back
+    its own class and PEFT's own forward, bit for bit."""
+    from peft import PeftModelForCausalLM
+
     peft_model, oracle = peft_twins(tiny_model())
+    keys = list(peft_model.state_dict())
     fast = fastprefix.from_peft(peft_model)
+    assert fast is peft_model and fastprefix.from_peft(peft_model) is fast
+    assert isinstance(fast, PeftModelForCausalLM) and isinstance(fast, fastprefix.PeftPrefixModel)
+    assert list(fast.state_dict()) == keys
     batch = training_batch(torch.Generator().manual_seed(8))
-    with pytest.raises(RuntimeError, match="patched by fastprefix.from_peft"):
-        peft_model(**batch)
+    with torch.no_grad():
+        assert relative_error(fast(**batch).logits, oracle(**batch).logits) < 1e-5
+    assert fast.get_base_model().config._attn_implementation == "fastprefix"
     fast.unpatch()
+    assert type(peft_model) is PeftModelForCausalLM
+    assert peft_model.get_base_model().config._attn_implementation == "sdpa"
     with torch.no_grad():
         assert torch.equal(peft_model(**batch).logits, oracle(**batch).logits)
-    with pytest.raises(RuntimeError, match="unpatched"):
-        fast(**batch)
 
 
 def test_from_peft_rejects_other_models():

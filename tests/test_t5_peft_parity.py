@@ -199,13 +199,17 @@ def test_gradient_checkpointing_same_gradients():
     assert_same_step(fast, oracle, training_batch(2, seed=6))
 
 
-def test_peft_forward_refused_while_patched_and_restored_after_unpatch():
+def test_from_peft_makes_the_peft_model_itself_run_on_fastprefix_until_unpatched():
+    from peft import PeftModelForSeq2SeqLM
+
     peft_model, oracle = t5_twins(tiny_t5())
     fast = from_peft(peft_model)
     inputs = training_batch(2, seed=7)
-    with pytest.raises(RuntimeError, match="patched by fastprefix.from_peft"):
-        peft_model(**inputs)
+    assert fast is peft_model and isinstance(fast, PeftModelForSeq2SeqLM)
+    with torch.no_grad():
+        assert relative_error(fast(**inputs).logits, oracle(**inputs).logits) < 1e-5
     fast.unpatch()
+    assert type(peft_model) is PeftModelForSeq2SeqLM
     with torch.no_grad():
         assert torch.equal(peft_model(**inputs).logits, oracle(**inputs).logits)
     assert {c._attn_implementation for c in (peft_model.get_base_model().config,

@@ -6,6 +6,9 @@ FAMILIES; `tests/test_patching.py` patches, runs and unpatches every registered 
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from . import llama, t5
 from .base import Family
 
@@ -39,3 +42,18 @@ def family_of(model) -> Family:
             f"Supported families: {supported_families()}."
         )
     return REGISTRY[model_type]
+
+
+_UNSIGNED = {"architectures", "transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions",
+             "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type"}
+"""Config entries that do not change what a model computes from its weights (run-time switches, labels,
+provenance); entries starting with "_" are left out too."""
+
+
+def signature(model) -> str:
+    """"<model_type>:<16 hex digits>" of a model's config, without run-time switches: two models with equal
+    signatures compute keys and values the same way from the same weights (patching changes no signature)."""
+    config = {key: value for key, value in model.config.to_dict().items()
+              if not key.startswith("_") and key not in _UNSIGNED}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{model.config.model_type}:{digest[:16]}"

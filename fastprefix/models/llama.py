@@ -63,9 +63,8 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
             f"{list(attention_mask.shape)}; a patched model takes a 2-D padding mask (1 = token, 0 = padding) or "
             "a bool 4-D mask over the sequence keys (True = attend)."
         )
-    # Under autocast the query is in the autocast dtype; the prefix follows it as the sequence keys did.
-    out = prefix_attention(query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), causal=causal,
-                           scale=scaling, attn_mask=attention_mask, dropout_p=dropout, backend=site.state.backend)
+    out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, scale=scaling,
+                           attn_mask=attention_mask, dropout_p=dropout, backend=site.state.backend)
     return out.transpose(1, 2), None
 
 
@@ -90,15 +89,16 @@ def install(model: nn.Module, state: PatchState) -> list[RemovableHandle]:
 @torch.no_grad()
 def prompt_kv(model: nn.Module, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each layer's keys (after the rotary embedding) and values of the prompt `input_ids` [1, P], run once
-    at positions 0 .. P - 1, as [Hkv, P, D] tensors."""
+    at positions 0 .. P - 1, as [Hkv, P, D] tensors in the model's dtype (under autocast the cache holds
+    keys and values of the autocast dtype, or keys in float32 where the rotary embedding promotes them)."""
     cache = cache_of(model.base_model(input_ids=input_ids.to(model.device), use_cache=True))
-    keys = [layer.keys[0] for layer in cache.layers]
+    keys = [layer.keys[0].to(model.dtype) for layer in cache.layers]
     if any(k.shape[-2] != input_ids.shape[1] for k in keys):
         raise ValueError(
             f"Prefix.from_prompt: the model's cache kept {keys[0].shape[-2]} of the prompt's {input_ids.shape[1]} "
             "positions (a sliding-window cache?); use a prompt no longer than the window."
         )
-    return keys, [layer.values[0] for layer in cache.layers]
+    return keys, [layer.values[0].to(model.dtype) for layer in cache.layers]
 
 
 FAMILY = Family(

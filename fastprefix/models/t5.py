@@ -102,10 +102,8 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
         if P:
             prefix_bias = prefix_position_bias(site, P, N, query.device).to(query.dtype)
             bias = torch.cat([prefix_bias, bias], dim=-1)
-    # Under autocast the query is in the autocast dtype; the prefix follows it as the sequence keys did.
-    out = prefix_attention(query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), causal=causal,
-                           scale=scaling, attn_mask=attention_mask, attn_bias=bias, dropout_p=dropout,
-                           backend=site.state.backend)
+    out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, scale=scaling,
+                           attn_mask=attention_mask, attn_bias=bias, dropout_p=dropout, backend=site.state.backend)
     return out.transpose(1, 2), None
 
 
