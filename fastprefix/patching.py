@@ -4,18 +4,25 @@ Where the hook sits, and why: transformers 5 attention modules compute q, k, v (
 and then call the function that `config._attn_implementation` names in `AttentionInterface`. That call is
 the narrowest point that sees q, k, v and the mask of every layer, so fastprefix registers one function
 there, "fastprefix", with `sdpa_mask` as its mask builder (`AttentionMaskInterface`), and points the
-model's configs at it (every config of the model: T5's encoder and decoder stacks hold their own copies).
-Nothing of the model's forward code is copied, so a transformers release that changes how caches or
-positions are handled upstream of attention is followed, not fought. The family module adds the hooks it
-needs (`models/llama.py`: a pre-hook on the rotary embedding to offset positions by P; `models/t5.py`: a
-pre-hook recording how many tokens the decoder's cache already holds).
+model's modules at it. transformers shares one config object between models built from it, so the config
+itself is left alone: each module of the patched model that holds a config gets a view of it
+(`config_view`) that reads and writes the same attributes but names "fastprefix". Nothing of the model's
+forward code is copied, so a transformers release that changes how caches or positions are handled upstream
+of attention is followed, not fought. The family module changes the class of the modules it needs to
+(`models/llama.py`: the rotary embedding offsets positions by P; `models/t5.py`: self-attention passes how
+many tokens the cache already holds).
+
+What lives where: the patch (the handle) holds the prefix and backend; what one call needs is passed with
+the call, or kept per thread (`PatchHandle.scratch`), so one patched model serves several threads at once.
+`copy.deepcopy` and `pickle` / `torch.save` of a patched model give the model unpatched (the views and
+classes copy as the model's own); patch the copy, or save the prefix with `Prefix.save`.
 
 A model may have several attention kinds (T5: "encoder", "decoder", "cross"), each with its own prefix;
 `patch(model, prefix)` with a bare `Prefix` gives it to the family's first kind ("decoder": every layer of a
 decoder-only model, T5's decoder self-attention as PEFT places it), `patch(model, {kind: Prefix, ...})`
 to the kinds named. Kinds without a prefix attend to their sequence alone.
 
-Unpatching restores the config values and removes the hooks, and leaves no attribute on the model. The
+Unpatching gives every module back its config and class, and leaves no attribute on the model. The
 registration of the "fastprefix" function in transformers' global interfaces stays (transformers has no
 public way to remove one); it is only reached by a model whose config names it.
 """
@@ -23,6 +30,10 @@ public way to remove one); it is only reached by a model whose config names it.
 from __future__ import annotations
 
 import contextlib
+import copy
+import operator
+import threading
+import warnings
 import weakref
 from collections.abc import Mapping
 
@@ -33,8 +44,8 @@ from .models import ATTN_IMPLEMENTATION, family_of, signature
 from .models.base import Family, Geometry, LayerPrefix, Site
 
 # Attention module -> (weak reference to its handle, attention kind, layer index) for every patched model;
-# read by the registered function. Only the model keeps its handle alive (through the family's hooks), so a
-# patched model that is dropped without unpatching is freed like any other.
+# read by the registered function. Only the model keeps its handle alive (through the config views its modules
+# hold), so a patched model that is dropped without unpatching is freed like any other.
 _PATCHED_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -99,15 +110,32 @@ def prefixes_by_kind(prefix, family: Family, model: nn.Module) -> dict[str, Laye
     return prefixes
 
 
-def _configs(model: nn.Module) -> list:
-    """Every distinct config of the model's transformers submodules (T5's stacks hold copies of their own)."""
-    from transformers import PreTrainedModel
+def config_view(config, handle: PatchHandle):
+    """A view of `config` for the modules of a patched model: an instance of a subclass of the config's class
+    that shares the config's attributes (reads and writes go to the config itself) but names fastprefix's
+    attention function. It keeps `handle` alive as long as a module holds it. Copies and pickles of the view
+    are of the config (unpatched)."""
+    base = type(config)
 
-    configs = {}
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            configs.setdefault(id(module.config), module.config)
-    return list(configs.values())
+    def implementation(view):
+        return ATTN_IMPLEMENTATION if view.__dict__ is config.__dict__ else base._attn_implementation.fget(view)
+
+    def set_implementation(view, value):
+        if view.__dict__ is config.__dict__:
+            raise RuntimeError(
+                f"fastprefix: this model is patched, so its attention implementation is {ATTN_IMPLEMENTATION!r}; "
+                f"call fastprefix.unpatch(model) before setting it to {value!r}.")
+        base._attn_implementation.fset(view, value)
+
+    view_class = type(base.__name__, (base,), {
+        "__module__": base.__module__, "__qualname__": base.__qualname__, "_fastprefix_handle": handle,
+        "_attn_implementation": property(implementation, set_implementation),
+        "__reduce_ex__": lambda view, protocol: (operator.itemgetter(0), ((config,),)),
+        "__copy__": lambda view: config,
+        "__deepcopy__": lambda view, memo: copy.deepcopy(config, memo)})
+    view = object.__new__(view_class)
+    object.__setattr__(view, "__dict__", config.__dict__)
+    return view
 
 
 class PatchHandle:
@@ -115,27 +143,41 @@ class PatchHandle:
 
     `prefix` is what was given (a `Prefix` or a dict), `prefixes` the same as {kind: Prefix}, `backend` the
     backend every attention call runs on. The handle is the state its family's code sees
-    (`models.base.PatchState`): `modules`, `backend`, and `scratch`, which holds what the family's hooks record
-    during a forward for its attention function (T5: the decoder's cache length) and is emptied by `unpatch`.
+    (`models.base.PatchState`): `modules`, `prefixes`, `backend`, and `scratch`, where an attention call leaves
+    what a later one of the same forward needs, one dict per thread, emptied by `unpatch`.
     """
 
     def __init__(self, model, family: Family, prefix, prefixes: dict[str, LayerPrefix], backend: str):
+        from transformers import PretrainedConfig
+
         self.model, self.family, self.backend = model, family, backend
         self._prefix, self.prefixes = prefix, prefixes
         self.modules = family.attention_modules(model)
-        self.scratch: dict = {}
-        self._saved_implementations = [(config, config._attn_implementation) for config in _configs(model)]
-        self._hooks = family.install(model, self)
+        self._threads = threading.local()
+        self._changes = family.install(model, self)
+        views, self._configs = {}, []
+        for module in model.modules():
+            config = module.__dict__.get("config")
+            if isinstance(config, PretrainedConfig):
+                if id(config) not in views:
+                    views[id(config)] = config_view(config, self)
+                module.__dict__["config"] = views[id(config)]
+                self._configs.append((module, config))
         for kind, modules in self.modules.items():
             for i, module in enumerate(modules):
                 _PATCHED_MODULES[module] = (weakref.ref(self), kind, i)
-        for config, _ in self._saved_implementations:
-            config._attn_implementation = ATTN_IMPLEMENTATION
         self.active = True
 
     @property
     def prefix(self):
         return self._prefix
+
+    @property
+    def scratch(self) -> dict:
+        """This thread's scratch dict (see the class docstring)."""
+        if not hasattr(self._threads, "scratch"):
+            self._threads.scratch = {}
+        return self._threads.scratch
 
     def prefix_length(self, kind: str) -> int:
         prefix = self.prefixes.get(kind)
@@ -151,14 +193,14 @@ class PatchHandle:
     def unpatch(self) -> None:
         """Restore the model exactly as it was before `patch`."""
         self._require_active("unpatch")
-        for config, implementation in reversed(self._saved_implementations):
-            config._attn_implementation = implementation
-        for hook in self._hooks:
-            hook.remove()
+        for module, config in self._configs:
+            module.__dict__["config"] = config
+        for change in self._changes:
+            change.remove()
         for modules in self.modules.values():
             for module in modules:
                 del _PATCHED_MODULES[module]
-        self.scratch.clear()
+        self._threads = threading.local()
         self.active = False
 
     def _require_active(self, what: str) -> None:
@@ -173,16 +215,33 @@ def _fastprefix_attention(module, query, key, value, attention_mask, **kwargs):
     if handle is None:
         raise RuntimeError(
             f"fastprefix: {type(module).__name__} runs with attn_implementation={ATTN_IMPLEMENTATION!r} but is not "
-            "part of a patched model (a copy of a patched model?). Patch this model with fastprefix.patch, or "
-            "set its config._attn_implementation back to 'sdpa'."
+            "part of a patched model (was it built from the config of a patched model?). Patch this model with "
+            "fastprefix.patch, or build it from a config of a model that is not patched."
         )
+    if kwargs.get("output_attentions"):
+        warnings.warn("fastprefix computes no attention maps, so output_attentions=True returns none (as with "
+                      "attn_implementation='sdpa'). For the maps, unpatch the model (fastprefix.unpatch(model)) "
+                      "and run it with attn_implementation='eager' on [prefix ; sequence].", stacklevel=2)
     prefix = handle.prefixes.get(kind)
     if prefix is None:
         prefix_k = prefix_v = key.new_empty(key.shape[1], 0, key.shape[3])
     else:
+        _check_rows(prefix, query.shape[0])
         prefix_k, prefix_v = prefix.layer(layer)
     return handle.family.attention(module, query, key, value, attention_mask, prefix_k, prefix_v,
                                    site=Site(state=handle, kind=kind, layer=layer), **kwargs)
+
+
+def _check_rows(prefix: LayerPrefix, batch: int) -> None:
+    rows = getattr(prefix, "batch_size", None)
+    if rows is None or rows == batch:
+        return
+    repeats = (f" `generate` repeats each row num_beams x num_return_sequences times ({batch // rows} here), and "
+               "a per-row prefix is not repeated with it: generate with num_beams=1 and num_return_sequences=1, or "
+               f"give one prefix row per generated sequence (each tensor's rows repeated {batch // rows} times)."
+               if batch % rows == 0 else "")
+    raise ValueError(f"fastprefix: the prefix has one row per sequence (B={rows}) but the batch has {batch} rows."
+                     + (repeats or " Give a prefix with one row per batch row, or a shared [Hkv, P, D] prefix."))
 
 
 def patch_family(model, prefix, family: Family, backend: str = "auto") -> PatchHandle:
@@ -191,8 +250,8 @@ def patch_family(model, prefix, family: Family, backend: str = "auto") -> PatchH
     modules = family.attention_modules(model)
     if any(module in _PATCHED_MODULES for of_kind in modules.values() for module in of_kind):
         raise RuntimeError(
-            f"fastprefix: {type(model).__name__} is already patched; call unpatch() on its handle first "
-            "(or handle.set_prefix(prefix) to change the prefix)."
+            f"fastprefix: {type(model).__name__} is already patched; call fastprefix.unpatch(model) (or unpatch() "
+            "on its handle) first, or handle.set_prefix(prefix) to change the prefix."
         )
     prefixes = prefixes_by_kind(prefix, family, model)
     from transformers import AttentionInterface
@@ -226,3 +285,22 @@ def patched(model, prefix, *, backend: str = "auto"):
         yield handle
     finally:
         handle.unpatch()
+
+
+def handle_of(model) -> PatchHandle | None:
+    """The handle of the patch serving `model` (or a module of it), or None if no module of it is patched."""
+    for module in model.modules():
+        if module in _PATCHED_MODULES:
+            return _PATCHED_MODULES[module][0]()
+    return None
+
+
+def unpatch(model) -> None:
+    """Restore `model`, patched by `patch`, `patched` or `from_peft`, without its handle."""
+    if callable(getattr(type(model), "_fastprefix_unpatch", None)):
+        model._fastprefix_unpatch()
+        return
+    handle = handle_of(model)
+    if handle is None:
+        raise ValueError(f"fastprefix.unpatch: {type(model).__name__} is not patched (no module of it is).")
+    handle.unpatch()

@@ -31,6 +31,7 @@ from torch import nn
 from .compat import CACHE_ARGUMENTS
 from .dispatch import check_backend
 from .models import family_of, t5
+from .models.base import reduced_as
 from .patching import patch_family
 from .prefix import Prefix
 from .validate import enum_value, validate
@@ -156,10 +157,18 @@ class PeftPrefixModel:
         return self.get_base_model().generate(*args, **kwargs)
 
     def unpatch(self) -> None:
-        """Give the model back its own PEFT class and its base model its attention, exactly as before."""
+        """Give the model back its own PEFT class and its base model its attention, exactly as before (what
+        `fastprefix.unpatch(model)` does)."""
         self._fastprefix_handle.unpatch()
         self.__class__ = self._fastprefix_peft_class
         del self._fastprefix_handle, self._fastprefix_peft_class
+
+    _fastprefix_unpatch = unpatch
+
+    def __reduce_ex__(self, protocol):
+        # Copies and pickles are of the PEFT class, without fastprefix (the base model's modules copy unpatched).
+        state = {key: value for key, value in self.__getstate__().items() if not key.startswith("_fastprefix_")}
+        return reduced_as(self._fastprefix_peft_class, state)
 
 
 def key_slots(num_layers: int, decoder_of_two_submodules: bool) -> list[int]:
@@ -191,7 +200,8 @@ def from_peft(peft_model, *, backend: str = "auto"):
     """Make a `PeftModelForCausalLM` or `PeftModelForSeq2SeqLM` with a `PrefixTuningConfig` run on fastprefix
     (see `PeftPrefixModel`), every attention call on `backend` (as in `patch`), and return it. Checks the
     config against the model first (`validate`), so a config PEFT would fail on deep inside a forward is refused
-    here with the fix. A model already made so is returned as it is (`peft_model.unpatch()` undoes it)."""
+    here with the fix. A model already made so is returned as it is; `fastprefix.unpatch(peft_model)` (or
+    `peft_model.unpatch()`) undoes it."""
     from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
 
     if isinstance(peft_model, PeftPrefixModel):

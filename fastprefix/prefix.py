@@ -26,10 +26,14 @@ class Prefix:
     All layers must share one shape, dtype and device. Tensors are kept as given (views included), so a
     prefix computed by a module keeps its autograd graph. `source`: the `models.signature` of the model the
     keys and values come from, when known (`from_prompt` sets it, `save` and `load` keep it); `patch` refuses
-    the prefix on a model with another.
+    the prefix on a model with another. `prompt_ids`: the prompt's token ids [P] when the keys and values are a
+    prompt's at positions 0 .. P - 1 (`from_prompt` sets it): a sliding window then hides them as it hides the
+    prompt in plain transformers, and `fastprefix.SeesPrompt` shows them to logits processors. Without it
+    (a learned prefix) the prefix is always visible.
     """
 
-    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, source: str | None = None):
+    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, source: str | None = None,
+                 prompt_ids: torch.Tensor | None = None):
         for name, seq in (("keys", keys), ("values", values)):
             if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
                 raise TypeError(
@@ -62,9 +66,14 @@ class Prefix:
                         f"Prefix: `{name}[{i}]` is {t.dtype} on {t.device} but `keys[0]` is {first.dtype} on "
                         f"{first.device}; move every layer to one dtype and device."
                     )
+        if prompt_ids is not None and (prompt_ids.dim() != 1 or prompt_ids.shape[0] != first.shape[-2]
+                                       or prompt_ids.is_floating_point()):
+            raise ValueError(f"Prefix: `prompt_ids` must be the prompt's P = {first.shape[-2]} token ids, an integer "
+                             f"tensor [P]; got {prompt_ids.dtype} of shape {shape_text(prompt_ids)}.")
         self.keys: tuple[torch.Tensor, ...] = tuple(keys)
         self.values: tuple[torch.Tensor, ...] = tuple(values)
         self.source = source
+        self.prompt_ids = None if prompt_ids is None else prompt_ids.detach().to("cpu", torch.long)
 
     @classmethod
     def from_prompt(cls, model, input_ids: torch.Tensor, *, backend: str = "auto") -> Prefix:
@@ -98,16 +107,18 @@ class Prefix:
             nothing = torch.empty(g.num_kv_heads, 0, g.head_dim, dtype=model.dtype, device=model.device)
             no_prefix[kind] = cls([nothing] * g.num_layers, [nothing] * g.num_layers)
         with torch.no_grad(), patched(model, no_prefix, backend=backend):
-            return cls(*family.prompt_kv(model, ids), source=signature(model))
+            return cls(*family.prompt_kv(model, ids), source=signature(model), prompt_ids=ids[0])
 
     def save(self, path) -> None:
         """Write the keys and values to a safetensors file at `path`, with what `load` and `patch` check: the
-        layer count, KV heads, P, head dim, dtype, layout and `source`. Another process can `load` it instead of
-        running the prompt again."""
+        layer count, KV heads, P, head dim, dtype, layout and `source` (and `prompt_ids`). Another process can
+        `load` it instead of running the prompt again."""
         from safetensors.torch import save_file
 
         tensors = {f"{name}.{i}": t.detach().contiguous()
                    for name, seq in (("keys", self.keys), ("values", self.values)) for i, t in enumerate(seq)}
+        if self.prompt_ids is not None:
+            tensors["prompt_ids"] = self.prompt_ids
         metadata = dict(format=_FORMAT, layers=self.num_layers, kv_heads=self.num_kv_heads, length=self.length,
                         head_dim=self.head_dim, dtype=str(self.dtype).removeprefix("torch."), shared=self.shared,
                         source=self.source or "")
@@ -127,7 +138,8 @@ class Prefix:
             layers = int(metadata["layers"])
             keys = [f.get_tensor(f"keys.{i}") for i in range(layers)]
             values = [f.get_tensor(f"values.{i}") for i in range(layers)]
-        return cls(keys, values, source=metadata["source"] or None)
+            prompt_ids = f.get_tensor("prompt_ids") if "prompt_ids" in f.keys() else None
+        return cls(keys, values, source=metadata["source"] or None, prompt_ids=prompt_ids)
 
     @property
     def num_layers(self) -> int:

@@ -22,7 +22,7 @@ LAYERS = [  # lowest first: a module imports only from its own layer and the lay
     ("op", ["fastprefix.ops"]),
     ("model families", ["fastprefix.models.base", "fastprefix.models.llama", "fastprefix.models.t5",
                         "fastprefix.models"]),
-    ("patching", ["fastprefix.prefix", "fastprefix.patching"]),
+    ("patching", ["fastprefix.prefix", "fastprefix.patching", "fastprefix.generation"]),
     ("integrations", ["fastprefix.validate", "fastprefix.peft_interop", "fastprefix.trainable"]),
     ("tools", ["fastprefix.testing", "fastprefix.profiling", "fastprefix.presets", "fastprefix.bench",
                "fastprefix.demo", "fastprefix.cli", "fastprefix"]),

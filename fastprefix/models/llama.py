@@ -7,23 +7,25 @@ hands q, k, v and the mask to the function that `config._attn_implementation` na
 
 * the attention function (see `attention`) adds the layer's prefix through `prefix_attention`; the cache
   update before it sees sequence keys only, so no cache ever holds the prefix;
-* a pre-hook on the rotary embedding shifts every position by P, so sequence tokens sit at P, P + 1, ...
-  whatever the caller passed or `generate` computed (positions from the attention mask under left
-  padding, the cache length while decoding). Prefix keys are stored already rotated, so they are not
-  touched. The positions used to build the attention mask are left alone: the mask covers sequence keys.
+* the rotary embedding (given the class `ShiftedRotary` while patched) shifts every position by P, so
+  sequence tokens sit at P, P + 1, ... whatever the caller passed or `generate` computed (positions from the
+  attention mask under left padding, the cache length while decoding). Prefix keys are stored already
+  rotated, so they are not touched. The positions used to build the attention mask are left alone: the mask
+  covers sequence keys.
+
+Sliding windows (Mistral, Qwen2's sliding layers): a prompt's prefix (`Prefix.from_prompt`) sits at positions
+0 .. P - 1 and leaves the window as the prompt does in plain transformers, by a bias of -inf on the prefix
+columns a query no longer sees; a learned prefix (PEFT's, `TrainablePrefix`) is always visible, as in PEFT.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..compat import cache_of
 from ..ops import prefix_attention
-from .base import Family, Geometry, PatchState
+from .base import Family, Geometry, PatchState, Swapped, SwappedClass, swap_class
 
 
 def geometry(model: nn.Module) -> dict[str, Geometry]:
@@ -47,10 +49,10 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
     sequence keys (True = attend) carrying causality, padding and any sliding window, or None when
     attention is plain causal. transformers' SDPA reads None as `is_causal` when N > 1 (top-left aligned,
     which only differs from bottom-right when an empty static cache holds more slots than queries, and
-    then crops keys to N) and as no mask when N == 1; so does this function. The prefix columns are always
-    visible, as in PEFT's attention mask, whose prefix entries are ones. A sliding window therefore never
-    hides the prefix (PEFT's prefix, living in the cache, would leave the window after `window - P`
-    tokens). `kwargs` (position ids, `sliding_window`, ...) are already folded into the mask.
+    then crops keys to N) and as no mask when N == 1; so does this function. A learned prefix's columns are
+    always visible, as in PEFT's attention mask, whose prefix entries are ones; under a sliding window
+    (`sliding_window` among `kwargs`) a prompt's prefix leaves the window (`prompt_window_bias`). Other
+    `kwargs` are already folded into the mask.
     """
     causal = False
     if attention_mask is None:
@@ -63,27 +65,40 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
             f"{list(attention_mask.shape)}; a patched model takes a 2-D padding mask (1 = token, 0 = padding) or "
             "a bool 4-D mask over the sequence keys (True = attend)."
         )
+    bias = None
+    prefix = site.state.prefixes.get(site.kind)
+    if kwargs.get("sliding_window") and prefix is not None and prefix.prompt_ids is not None:
+        bias = prompt_window_bias(kwargs["position_ids"], prefix.length, key.shape[2], kwargs["sliding_window"],
+                                  query)
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, scale=scaling,
-                           attn_mask=attention_mask, dropout_p=dropout, backend=site.state.backend)
+                           attn_mask=attention_mask, attn_bias=bias, dropout_p=dropout, backend=site.state.backend)
     return out.transpose(1, 2), None
 
 
-def offset_positions(model: nn.Module, offset: Callable[[], int]) -> RemovableHandle:
-    """Add offset() to the position ids the rotary embedding receives (Llama and Mistral pass them by
-    keyword, Qwen2 positionally)."""
+def prompt_window_bias(position_ids: torch.Tensor, P: int, S: int, window: int, query: torch.Tensor):
+    """[B or 1, 1, N, P + S] bias for a prompt's prefix under a sliding window, or None when every query sees
+    all of it. Query i sits at position P + position_ids[..., i] (`position_ids` [B or 1, N]: sequence
+    positions before the shift by P) and the prompt's token m at m; as in transformers' sliding-window mask,
+    the query sees the token while their distance is below `window`: -inf where P + position - m >= window,
+    0 elsewhere (the sequence columns, whose window is in the mask)."""
+    hidden = position_ids[..., None] + (P - torch.arange(P, device=position_ids.device)) >= window
+    if not hidden.any():
+        return None
+    bias = query.new_zeros(hidden.shape[0], 1, hidden.shape[1], P + S)
+    bias[:, 0, :, :P].masked_fill_(hidden, float("-inf"))
+    return bias
 
-    def shift(module, args, kwargs):
-        if "position_ids" in kwargs:
-            kwargs["position_ids"] = kwargs["position_ids"] + offset()
-        else:
-            args = (args[0], args[1] + offset(), *args[2:])
-        return args, kwargs
 
-    return model.base_model.rotary_emb.register_forward_pre_hook(shift, with_kwargs=True)
+class ShiftedRotary(Swapped):
+    """The rotary embedding of a patched model: every position it receives is shifted by P, the length of the
+    patch's decoder prefix (Llama and Mistral pass `position_ids` by keyword, Qwen2 positionally)."""
+
+    def forward(self, x, position_ids, *args, **kwargs):
+        return super().forward(x, position_ids + self.patch_state.prefix_length("decoder"), *args, **kwargs)
 
 
-def install(model: nn.Module, state: PatchState) -> list[RemovableHandle]:
-    return [offset_positions(model, lambda: state.prefix_length("decoder"))]
+def install(model: nn.Module, state: PatchState) -> list[SwappedClass]:
+    return [swap_class(model.base_model.rotary_emb, ShiftedRotary, state)]
 
 
 @torch.no_grad()

@@ -19,10 +19,9 @@ prefix through `prefix_attention`; no cache ever holds it. T5 specifics:
   position is m - P - (past + i), bucketed by the stack's layer-0 module with its own `bidirectional` flag
   (`T5Attention.compute_bias`, True in the encoder, False in the decoder). This is what PEFT's cache
   produces, its prefix sitting in cache slots 0 .. P - 1. The bias handed to `prefix_attention` is
-  [1, H, N, P + S], one copy for the whole batch. A pre-hook on each self-attention module records `past`
-  as T5 computes it (`cache.get_seq_length(layer)`, 0 without a cache, as in the encoder; with a static
-  cache the key length is the cache's capacity, so it cannot be read off the keys). These hooks also keep
-  the patch's state alive for as long as the model (see `patching`).
+  [1, H, N, P + S], one copy for the whole batch. Each self-attention module, given the class `RecordsPast`
+  while patched, passes `past` to the attention function with its call (with a static cache the key length
+  is the cache's capacity, so `past` cannot be read off the keys).
 * Cross-attention has no relative bias (T5 passes zeros): none is applied, to prefix or encoder columns.
 * Dropout: the module passes `dropout_rate` in training mode (0 in eval), applied to the attention
   probabilities of all P + S columns.
@@ -30,15 +29,12 @@ prefix through `prefix_attention`; no cache ever holds it. T5 specifics:
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..compat import passed_cache
 from ..ops import prefix_attention
-from .base import Family, Geometry, PatchState
+from .base import Family, Geometry, PatchState, Swapped, SwappedClass, swap_class
 
 KINDS = {"decoder": "decoder self-attention", "encoder": "encoder self-attention",
          "cross": "decoder cross-attention"}
@@ -64,16 +60,15 @@ def geometry(model: nn.Module) -> dict[str, Geometry]:
             for kind, modules in attention_modules(model).items()}
 
 
-def prefix_position_bias(site, length: int, query_length: int, device) -> torch.Tensor:
+def prefix_position_bias(site, length: int, query_length: int, past, device) -> torch.Tensor:
     """[1, H, query_length, length]: T5's bias from query i (at position past + i) to prefix slot m, at
     relative position m - length - (past + i), from the layer-0 module of the query's stack."""
     first = site.state.modules[site.kind][0]
-    past = site.state.scratch[("past", site.kind, site.layer)]
     return first.compute_bias(query_length, length, device=device, past_seen_tokens=past + length)
 
 
 def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, site, scaling, dropout=0.0,
-              position_bias=None, **kwargs):
+              position_bias=None, fastprefix_past=0, **kwargs):
     """transformers' T5 `sdpa_attention_forward`, with the layer's prefix before the sequence keys.
 
     The mask comes from `sdpa_mask` (patching registers it for fastprefix): a bool [B, 1, N or 1, S] over
@@ -82,7 +77,8 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
     cache holds more slots than queries; keys and bias are then cropped to N, as transformers does). Prefix
     columns are always visible, as in PEFT's decoder attention mask, whose prefix entries are ones.
     `position_bias` [1, H, N, S] (sequence columns) is extended by the prefix columns' bias (see the module
-    docstring); cross-attention gets none. `kwargs` (`output_attentions`, ...) are not used.
+    docstring; `fastprefix_past` comes from `RecordsPast`); cross-attention gets none. `kwargs`
+    (`output_attentions`, ...) are not used.
     """
     P, N = prefix_k.shape[-2], query.shape[2]
     causal = False
@@ -100,24 +96,29 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
     if site.kind != "cross":
         bias = position_bias.to(query.dtype)
         if P:
-            prefix_bias = prefix_position_bias(site, P, N, query.device).to(query.dtype)
+            prefix_bias = prefix_position_bias(site, P, N, fastprefix_past, query.device).to(query.dtype)
             bias = torch.cat([prefix_bias, bias], dim=-1)
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, scale=scaling,
                            attn_mask=attention_mask, attn_bias=bias, dropout_p=dropout, backend=site.state.backend)
     return out.transpose(1, 2), None
 
 
-def _record_past(state: PatchState, kind, layer, module, args, kwargs):
-    """Pre-hook of self-attention: how many tokens the cache held before this call (`past`)."""
-    cache = passed_cache(kwargs)
-    past = 0 if cache is None else cache.get_seq_length(module.layer_idx)
-    # A static cache counts in a tensor that its update increments in place (T5 clones it too).
-    state.scratch[("past", kind, layer)] = past.clone() if isinstance(past, torch.Tensor) else past
+class RecordsPast(Swapped):
+    """T5 self-attention of a patched model: hands its attention function `past`, how many tokens the cache
+    held before this call, as T5 computes it (`cache.get_seq_length(layer)`, 0 without a cache), with the
+    call's own arguments (so calls from several threads cannot mix)."""
+
+    def forward(self, *args, **kwargs):
+        cache = passed_cache(kwargs)
+        past = 0 if cache is None else cache.get_seq_length(self.layer_idx)
+        # A static cache counts in a tensor that its update increments in place (T5 clones it too).
+        kwargs["fastprefix_past"] = past.clone() if isinstance(past, torch.Tensor) else past
+        return super().forward(*args, **kwargs)
 
 
-def install(model: nn.Module, state: PatchState) -> list[RemovableHandle]:
-    return [module.register_forward_pre_hook(partial(_record_past, state, kind, layer), with_kwargs=True)
-            for kind in ("decoder", "encoder") for layer, module in enumerate(state.modules.get(kind, ()))]
+def install(model: nn.Module, state: PatchState) -> list[SwappedClass]:
+    return [swap_class(module, RecordsPast, state) for kind in ("decoder", "encoder")
+            for module in state.modules.get(kind, ())]
 
 
 def prompt_kv(model: nn.Module, input_ids: torch.Tensor):
