@@ -68,8 +68,41 @@ def _require_broadcastable(name: str, t: torch.Tensor, target: tuple[int, ...], 
         )
 
 
+_PASSED: dict = {}
+"""Signature of a call that passed the checks -> what they returned. A model calls with the same signature in every
+layer and step, so the checks run once per signature; the signature holds all they read."""
+_MAX_PASSED = 1024
+
+
+def _signature(tensors, dropout_p, scale):
+    """Every property of a call's arguments the checks read, or None when some argument is not a tensor (or None
+    where that is allowed), which the full checks refuse."""
+    found = []
+    for i, t in enumerate(tensors):
+        if isinstance(t, torch.Tensor):
+            found.append((t.shape, t.dtype, t.device))
+        elif t is None and i >= 5:  # attn_mask, attn_bias
+            found.append(None)
+        else:
+            return None
+    return tuple(found), type(dropout_p), dropout_p, type(scale), scale
+
+
 def check_inputs(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, scale) -> tuple[Dims, float]:
-    """Validate a `prefix_attention` call. Returns its `Dims` and the resolved softmax scale."""
+    """Validate a `prefix_attention` call. Returns its `Dims` and the resolved softmax scale. A call with the
+    signature of one that passed before is not checked again."""
+    key = _signature((q, k, v, prefix_k, prefix_v, attn_mask, attn_bias), dropout_p, scale)
+    found = None if key is None else _PASSED.get(key)
+    if found is None:
+        found = _check_all(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, scale)
+        if key is not None:
+            if len(_PASSED) >= _MAX_PASSED:
+                _PASSED.clear()
+            _PASSED[key] = found
+    return found
+
+
+def _check_all(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dropout_p, scale) -> tuple[Dims, float]:
     _check_tensors(q, k, v, prefix_k, prefix_v)
     dims = _check_sizes(q, k, v, prefix_k, prefix_v)
     _check_mask_and_bias(q, attn_mask, attn_bias, dims)

@@ -3,17 +3,19 @@
 A segment is q [b, Hq, n, D] against k, v [b, Hkv, s, D] (Hq a multiple of Hkv; query head h reads KV head
 h // (Hq // Hkv)) with an optional float `bias` and an optional bool `hidden` (True = the key is hidden),
 both 4-D and broadcastable to [b, Hq, n, s], and an optional square causal mask (`causal` is only passed
-when n == s). Forward returns the segment's own normalized output and log-sum-exp. Backward takes the
-*global* output and log-sum-exp of the whole attention (all segments merged), which is what makes each
-segment's gradient exact on its own:
+when n == s). Forward returns the segment's own normalized output and log-sum-exp (a row that sees no key:
+out = 0, lse = -inf). Backward takes the *global* output and log-sum-exp of the whole attention (all
+segments merged), which is what makes each segment's gradient exact on its own:
 
     p = exp(s - L_global),  dS = p * (dP - rowsum(dO * O_global))
 
+and returns (dq, dk, dv, dbias), dbias only when asked for (`bias_grad`) and the engine computes one.
+
 Two engines compute this:
-* `FlashCPU`: PyTorch's blocked CPU flash-attention kernels (no n x s score matrix in memory). CPU only,
-  no dropout, no bias gradient. They take one additive mask, so bias and hidden are combined, batch row
-  by batch row when combining them at once would copy the bias for every row (T5's position bias
-  [1, H, n, s] with a padding mask [b, 1, 1, s]).
+* `FlashCPU`: PyTorch's blocked CPU flash-attention kernels (no n x s score matrix in memory; every input
+  read through its strides). CPU only, no dropout, no bias gradient. They take one additive mask, so bias
+  and hidden are combined, batch row by batch row when combining them at once would copy the bias for
+  every row (T5's position bias [1, H, n, s] with a padding mask [b, 1, 1, s]).
 * `Explicit`: scores as matrices, in float32 (float64 for float64 inputs), any device, dropout from a
   seeded generator so backward regenerates the forward's keep-mask, and a gradient for the bias.
 """
@@ -49,12 +51,11 @@ class FlashCPU:
                                      dropout_p, seed) for b in range(q.shape[0])]
             return torch.cat([o for o, _ in rows]), torch.cat([lse for _, lse in rows])
         mask = additive_mask(bias, hidden, q.dtype, q.device)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
-        if mask is not None:  # the kernel reports out = 0, lse = 0 for a row that sees no key; merging needs -inf
-            empty = FlashCPU._sees_nothing(mask, causal)
-            lse = lse.masked_fill(empty, NEG_INF)
-            out = out.masked_fill(empty[..., None], 0.0)
+        out, lse = torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        # The kernel reports out = 0 and lse = 0 for a row that sees no key; merging needs lse = -inf. Only rows
+        # with lse exactly 0 can be such rows, so the mask is searched only when there are some.
+        if mask is not None and bool((lse == 0).any()):
+            lse = lse.masked_fill(FlashCPU._sees_nothing(mask, causal), NEG_INF)
         return out, lse
 
     @staticmethod
@@ -71,10 +72,10 @@ class FlashCPU:
         return ~seen.diagonal(dim1=-2, dim2=-1)
 
     @staticmethod
-    def backward(dout, q, k, v, out, lse, bias, hidden, causal, scale, dropout_p, seed):
+    def backward(dout, q, k, v, out, lse, bias, hidden, causal, scale, dropout_p, seed, bias_grad):
         if FlashCPU._row_by_row(bias, hidden):
             rows = [FlashCPU.backward(dout[b:b + 1], q[b:b + 1], k[b:b + 1], v[b:b + 1], out[b:b + 1],
-                                      lse[b:b + 1], bias, hidden[b:b + 1], causal, scale, dropout_p, seed)
+                                      lse[b:b + 1], bias, hidden[b:b + 1], causal, scale, dropout_p, seed, False)
                     for b in range(q.shape[0])]
             dq, dk, dv = (torch.cat(grads) for grads in zip(*(row[:3] for row in rows)))
             return dq, dk, dv, None
@@ -121,7 +122,7 @@ class Explicit:
         return out.flatten(1, 2), lse.flatten(1, 2)
 
     @staticmethod
-    def backward(dout, q, k, v, out, lse, bias, hidden, causal, scale, dropout_p, seed):
+    def backward(dout, q, k, v, out, lse, bias, hidden, causal, scale, dropout_p, seed, bias_grad):
         ct = _compute_dtype(q.dtype)
         hkv = k.shape[1]
         q, k, v, dout, out = q.to(ct), k.to(ct), v.to(ct), dout.to(ct), out.to(ct)
@@ -140,7 +141,7 @@ class Explicit:
         dk = torch.einsum("bhgns,bhgnd->bhsd", dscores, q.unflatten(1, (hkv, -1))) * scale
         dq = torch.einsum("bhgns,bhsd->bhgnd", dscores, k).flatten(1, 2) * scale
         dbias = None
-        if bias is not None and bias.requires_grad:
+        if bias_grad:
             dbias = dscores.flatten(1, 2).sum_to_size(bias.shape).to(bias.dtype)
         return dq, dk, dv, dbias
 

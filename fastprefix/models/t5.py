@@ -67,6 +67,22 @@ def prefix_position_bias(site, length: int, query_length: int, past, device) -> 
     return first.compute_bias(query_length, length, device=device, past_seen_tokens=past + length)
 
 
+def extended_bias(site, position_bias, length: int, past, query) -> torch.Tensor:
+    """`position_bias` [1, H, N, S] with the prefix columns' bias before it: [1, H, N, length + S] in query's
+    dtype. Every layer of a stack receives the `position_bias` tensor its layer 0 computed, so the result is
+    computed once per forward and kept, with that tensor, in this thread's scratch for the stack's later
+    layers (until the next forward or unpatch)."""
+    held = site.state.scratch.get(("bias", site.kind))
+    if held is not None and held[0] is position_bias and held[1] == length and held[2].dtype == query.dtype:
+        return held[2]
+    bias = position_bias.to(query.dtype)
+    if length:
+        prefix_bias = prefix_position_bias(site, length, query.shape[2], past, query.device).to(query.dtype)
+        bias = torch.cat([prefix_bias, bias], dim=-1)
+    site.state.scratch[("bias", site.kind)] = (position_bias, length, bias)
+    return bias
+
+
 def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, site, scaling, dropout=0.0,
               position_bias=None, fastprefix_past=0, **kwargs):
     """transformers' T5 `sdpa_attention_forward`, with the layer's prefix before the sequence keys.
@@ -92,12 +108,7 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
             f"attention mask of shape {list(attention_mask.shape)}; a patched model takes a 2-D padding mask "
             "(1 = token, 0 = padding) or a bool 4-D mask over the sequence keys (True = attend)."
         )
-    bias = None
-    if site.kind != "cross":
-        bias = position_bias.to(query.dtype)
-        if P:
-            prefix_bias = prefix_position_bias(site, P, N, fastprefix_past, query.device).to(query.dtype)
-            bias = torch.cat([prefix_bias, bias], dim=-1)
+    bias = None if site.kind == "cross" else extended_bias(site, position_bias, P, fastprefix_past, query)
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, scale=scaling,
                            attn_mask=attention_mask, attn_bias=bias, dropout_p=dropout, backend=site.state.backend)
     return out.transpose(1, 2), None
