@@ -1,24 +1,21 @@
 """`fastprefix bench`: prefix tuning (LLaMA, T5) through fastprefix, PEFT and no prefix, generation over a
 shared prompt (LLaMA family), and an op-level sweep, in one run.
 
-Every workload runs its variants on the same inputs, in one process, and reports the median wall time,
-tokens per second, peak memory allocated during one call, the time ratio to the workload's baseline variant
+Every workload runs its variants on the same inputs, in one process, and reports the median wall time and its
+spread (interquartile range, min and max over the timed runs), tokens per second, peak memory allocated
+during one call, the time ratio to the workload's baseline variant
 (PEFT's; for the shared prompt, the prompt's cache copied to every row), and whether the outputs matched
 the workload's oracle (prefix tuning: PEFT's loss and prefix gradients, and the greedy tokens PEFT's forward
 implies, since PEFT's own `generate` drops the prefix on some transformers versions; shared prompt: plain
-transformers on each row's [prompt ; suffix]).
+transformers on each row's [prompt ; suffix]). The attention sweep runs one attention layer shaped as the
+(first) model's. How many runs are timed is budgeted by time (`timing.plan_repeats`) unless fixed.
 """
 
 from __future__ import annotations
 
 import copy
-import datetime
-import json
-import statistics
-import subprocess
-import time
-import warnings
-from dataclasses import asdict, dataclass, field
+import pathlib
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -31,37 +28,61 @@ from .peft_interop import from_peft
 from .prefix import Prefix
 from .profiling import peak_cpu_memory
 from .testing import greedy_by_forward, relative_error
+from .timing import BUDGET_SECONDS, Load, Timing, plan_repeats, time_runs
 
 NEW_TOKENS = 16
 SHARED_PROMPT_LEN, SUFFIX_LEN = 512, 16
-OP_HEADS, OP_HEAD_DIM = 8, 64
 SWEEP_PREFIX_LENS = (16, 64, 256)
 SWEEP_BATCHES = (1, 4, 16)
 
 
 @dataclass
 class Settings:
+    """What the bench was asked for. `repeats` None: as many timed runs per variant as fit `budget_seconds`."""
+
     model: str = "tiny"
     device: str = "cpu"
     dtype: str = "float32"
     batch: int = 4
     prefix_len: int = 20
     seq_len: int = 128
-    repeats: int = 11
+    repeats: int | None = None
+    budget_seconds: float = float(BUDGET_SECONDS)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The attention sweep's layer: query heads, key/value heads, head dim."""
+
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+    def __str__(self) -> str:
+        return f"Hq={self.q_heads} Hkv={self.kv_heads} D={self.head_dim}"
 
 
 @dataclass
 class Row:
-    """One variant of one workload. `matched` is None where there is nothing to compare (no prefix)."""
+    """One variant of one workload: `times` of its timed runs, `seconds` their median. `matched` is None where
+    there is nothing to compare (no prefix)."""
 
     workload: str
     variant: str
-    seconds: float
+    times: list[float]
     tokens: int
     peak_bytes: int
     matched: bool | None
     baseline: str = "peft"
     ratio_to_baseline: float | None = None
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(self.times)
+
+    @property
+    def seconds(self) -> float:
+        return self.timing.median
 
     @property
     def tokens_per_second(self) -> float:
@@ -96,24 +117,11 @@ def _peak_bytes(fn, device: torch.device) -> int:
     return peak_cpu_memory(fn)
 
 
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
+def _synchronizer(device: torch.device):
+    """What makes a timer wait for `device`'s queued work: a GPU's synchronize; nothing on a CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def _loss_and_grads(model, peft_model, inputs: dict) -> list[torch.Tensor]:
@@ -137,6 +145,12 @@ def _same_training_step(fast, peft_model, inputs: dict, tol: float) -> bool:
                for a, b, x in zip(ours, theirs, exact))
 
 
+def model_name(model, s: Settings) -> str:
+    """What the table's workloads call `model`: its model_type for the tiny presets (which hold one model of each
+    type), else the preset's name or the model directory's name."""
+    return model.config.model_type if s.model.startswith("tiny") else pathlib.Path(s.model).name
+
+
 def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
     """Prefix-tuning train step and greedy generation of a causal LM (LLaMA family) or a seq2seq LM (T5):
     fastprefix (`from_peft`) vs PEFT vs the model without a prefix, on the same weights and inputs; for a
@@ -152,7 +166,7 @@ def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
     fast.peft_model.load_state_dict(peft_model.state_dict())
     base.requires_grad_(False)
     models = {"fastprefix": fast, "peft": peft_model, "no prefix": base}
-    name = base.config.model_type
+    name = model_name(base, s)
     gen = torch.Generator().manual_seed(0)
     vocab = base.config.vocab_size
 
@@ -184,12 +198,14 @@ def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
     first_new = 1 if seq2seq else s.seq_len
 
     def generate(model):
-        return lambda: _quiet(model.generate, input_ids=prompts, attention_mask=torch.ones_like(prompts),
-                              max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        return lambda: model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                                      max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
 
     generation = Workload(f"{name} generate ({NEW_TOKENS} new tokens)", s.batch * NEW_TOKENS,
                           {v: generate(m) for v, m in models.items()})
-    oracle = greedy_by_forward(peft_model, prompts, NEW_TOKENS, base.config.decoder_start_token_id if seq2seq else None)
+    with torch.no_grad():
+        oracle = greedy_by_forward(peft_model, prompts, NEW_TOKENS,
+                                   base.config.decoder_start_token_id if seq2seq else None)
     tokens = {v: generation.variants[v]()[:, first_new:] for v in models}
     generation.matched = {v: torch.equal(tokens[v], oracle) for v in ("fastprefix", "peft")}
     generation.matched["no prefix"] = None
@@ -202,8 +218,8 @@ def model_workloads(base: torch.nn.Module, s: Settings) -> list[Workload]:
 
 def _generate_tokens(model, ids: torch.Tensor, new_tokens: int, **kwargs):
     """(the new tokens [B, new_tokens] of greedy generation, the cache generate returns)."""
-    out = _quiet(model.generate, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                 do_sample=False, pad_token_id=0, return_dict_in_generate=True, **kwargs)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0, return_dict_in_generate=True, **kwargs)
     return out.sequences[:, -new_tokens:], cache_of(out)
 
 
@@ -257,7 +273,7 @@ def shared_prompt_workload(model: torch.nn.Module, s: Settings) -> Workload:
     prompt = torch.randint(3, vocab, (SHARED_PROMPT_LEN,), generator=gen).to(device)
     suffixes = torch.randint(3, vocab, (s.batch, SUFFIX_LEN), generator=gen).to(device)
     providers = shared_prompt_providers(model, prompt, suffixes, NEW_TOKENS)
-    workload = Workload(f"{model.config.model_type} generate, shared {SHARED_PROMPT_LEN}-token prompt",
+    workload = Workload(f"{model_name(model, s)} generate, shared {SHARED_PROMPT_LEN}-token prompt",
                         s.batch * NEW_TOKENS, {v: (lambda run=run: run()[0]) for v, run in providers.items()},
                         baseline="copied cache")
     oracle = workload.variants["concat rows"]()
@@ -266,15 +282,26 @@ def shared_prompt_workload(model: torch.nn.Module, s: Settings) -> Workload:
     return workload
 
 
-def op_workload(batch: int, prefix_len: int, s: Settings) -> Workload:
-    """Forward + backward of one attention layer (causal sequence part, H = 8, D = 64): prefix_attention vs
-    concatenation + SDPA."""
+def attention_shape(model) -> AttentionShape:
+    """The shape of `model`'s (first kind of) attention: query heads, key/value heads and head dim."""
+    from .models import family_of
+
+    geometry = next(iter(family_of(model).geometry(model).values()))
+    return AttentionShape(model.config.num_attention_heads, geometry.num_kv_heads, geometry.head_dim)
+
+
+def op_workload(batch: int, prefix_len: int, s: Settings, shape: AttentionShape) -> Workload:
+    """Forward + backward of one attention layer of `shape` (causal sequence part): prefix_attention vs the
+    prefix copied per row and concatenated, key/value heads repeated to the query heads (as transformers does
+    before SDPA), then SDPA."""
     device, dtype = torch.device(s.device), getattr(torch, s.dtype)
     gen = torch.Generator().manual_seed(batch * 1000 + prefix_len)
-    shapes = [(batch, OP_HEADS, s.seq_len, OP_HEAD_DIM)] * 3 + [(OP_HEADS, prefix_len, OP_HEAD_DIM)] * 2
-    tensors = [torch.randn(shape, generator=gen).to(device, dtype).requires_grad_() for shape in shapes]
+    B, N, Hkv, D = batch, s.seq_len, shape.kv_heads, shape.head_dim
+    shapes = [(B, shape.q_heads, N, D), (B, Hkv, N, D), (B, Hkv, N, D), (Hkv, prefix_len, D), (Hkv, prefix_len, D)]
+    tensors = [torch.randn(size, generator=gen).to(device, dtype).requires_grad_() for size in shapes]
     dout = torch.randn(shapes[0], generator=gen).to(device, dtype)
     mask = torch.ones(s.seq_len, prefix_len + s.seq_len, dtype=torch.bool, device=device).tril(prefix_len)
+    group = shape.q_heads // shape.kv_heads
 
     def fused():
         return prefix_attention(*tensors, causal=True)
@@ -282,8 +309,8 @@ def op_workload(batch: int, prefix_len: int, s: Settings) -> Workload:
     def concat():
         q, k, v, pk, pv = tensors
         rows = (batch, -1, -1, -1)
-        return F.scaled_dot_product_attention(q, torch.cat([pk.expand(rows), k], 2), torch.cat([pv.expand(rows), v], 2),
-                                              attn_mask=mask)
+        keys, values = (torch.cat([p.expand(rows), x], 2).repeat_interleave(group, 1) for p, x in ((pk, k), (pv, v)))
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
     def step(attention):
         return lambda: torch.autograd.grad(attention(), tensors, dout)
@@ -302,94 +329,43 @@ def sweep_points(s: Settings) -> list[tuple[int, int]]:
     return list(dict.fromkeys(points))
 
 
-def measure(workloads: list[Workload], s: Settings, progress) -> list[Row]:
-    """Time and peak memory of every variant; time ratios to each workload's baseline variant."""
+def _warm_up(calls: dict, synchronize, progress) -> dict:
+    """(workload, variant) -> the seconds of one untimed-for-the-table run of each call."""
+    progress.reset(total=len(calls))
+    one_run = {}
+    for key, fn in calls.items():
+        progress.set_description("warm-up, one run each: " + ": ".join(key))
+        one_run[key] = time_runs(fn, 1, synchronize).times[0]
+        progress.update(1)
+    return one_run
+
+
+def measure(workloads: list[Workload], s: Settings, progress, load: Load) -> list[Row]:
+    """Time and peak memory of every variant, and time ratios to each workload's baseline variant.
+
+    One warm-up run of every variant first; then each variant's timed runs (`s.repeats`, or as many as
+    `plan_repeats` fits in `s.budget_seconds` from the warm-up's times) and one profiled run for its peak
+    memory. `progress` counts variants during the warm-up, then the plan's estimated seconds, so that its
+    remaining time is the plan's, scaled by the pace so far. `load` is sampled after every workload."""
     device = torch.device(s.device)
+    synchronize = _synchronizer(device)
+    calls = {(w.name, variant): fn for w in workloads for variant, fn in w.variants.items()}
+    one_run = _warm_up(calls, synchronize, progress)
+    plan = {key: s.repeats for key in calls} if s.repeats else plan_repeats(one_run, s.budget_seconds)
+    progress.reset(total=sum((plan[key] + 1) * one_run[key] for key in calls))
     rows = []
     for w in workloads:
         for variant, fn in w.variants.items():
-            progress.set_description(f"{w.name}: {variant}")
-            seconds = _median_seconds(fn, s.repeats, device)
-            rows.append(Row(w.name, variant, seconds, w.tokens, _peak_bytes(fn, device), w.matched.get(variant),
+            key = (w.name, variant)
+            progress.set_description(f"{w.name}: {variant}, {plan[key]} timed runs")
+            timing = time_runs(fn, plan[key], synchronize)
+            rows.append(Row(w.name, variant, timing.times, w.tokens, _peak_bytes(fn, device), w.matched.get(variant),
                             w.baseline))
-            progress.update(1)
+            progress.update((plan[key] + 1) * one_run[key])
+        load.sample()
+    for w in workloads:
         base = next(r for r in rows if r.workload == w.name and r.variant == w.baseline)
         for r in rows:
             if r.workload == w.name:
                 r.ratio_to_baseline = r.seconds / base.seconds
     return rows
-
-
-def format_table(rows: list[Row], notes: list[str] = ()) -> str:
-    header = (f"{'workload':<42}{'variant':<14}{'time (ms)':>11}{'tokens/s':>11}{'peak MiB':>10}{'vs base':>9}"
-              "  matched")
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        matched = "-" if r.matched is None else ("yes" if r.matched else "NO")
-        lines.append(f"{r.workload:<42}{r.variant:<14}{r.seconds * 1e3:>11.1f}{r.tokens_per_second:>11.0f}"
-                     f"{r.peak_bytes / 2**20:>10.1f}{r.ratio_to_baseline:>8.2f}x  {matched}")
-    legend = ("vs base: time over the workload's baseline: PEFT (\"peft\"; in the attention sweep, the prefix copied\n"
-              "per row and concatenated), or for the shared prompt, the prompt's cache copied to every row")
-    return "\n".join(lines + [legend] + [f"note: {note}" for note in notes])
-
-
-def environment(s: Settings) -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for package in ("fastprefix", "torch", "triton", "transformers", "peft"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=__file__.rsplit("/", 2)[0], check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    device = torch.device(s.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": name, "commit": commit,
-            "versions": versions}
-
-
-def write_json(path: str, rows: list[Row], s: Settings, notes: list[str] = ()) -> None:
-    with open(path, "w") as f:
-        json.dump({"environment": environment(s), "settings": asdict(s), "notes": list(notes),
-                   "rows": [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in rows]}, f, indent=2)
-
-
-def plot(path: str, rows: list[Row], s: Settings) -> None:
-    """Time and peak memory of the attention sweep vs prefix length and vs batch size, fastprefix vs PEFT."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sweep = [r for r in rows if r.workload.startswith("attention")]
-
-    def point(r):
-        batch, prefix = (int(part.split("=")[1]) for part in r.workload.split()[-2:])
-        return batch, prefix
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for col, (label, fixed, varying) in enumerate((("prefix length P", lambda b, p: b == s.batch, 1),
-                                                  ("batch size B", lambda b, p: p == s.prefix_len, 0))):
-        for variant, style in (("fastprefix", "o-"), ("peft", "s--")):
-            pts = sorted((point(r)[varying], r) for r in sweep if r.variant == variant and fixed(*point(r)))
-            xs = [x for x, _ in pts]
-            axes[0][col].plot(xs, [r.seconds * 1e3 for _, r in pts], style, label=variant)
-            axes[1][col].plot(xs, [r.peak_bytes / 2**20 for _, r in pts], style, label=variant)
-        for row, ylabel in ((0, "time (ms, median)"), (1, "peak memory (MiB)")):
-            ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel(label)
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            ax.legend()
-    fig.suptitle(f"attention forward+backward, causal, N=S={s.seq_len}, H={OP_HEADS}, D={OP_HEAD_DIM}, {s.dtype}, "
-                 f"{s.device} (left: B={s.batch}; right: P={s.prefix_len})\n"
-                 "peft = the prefix copied per row, concatenated, then scaled_dot_product_attention")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

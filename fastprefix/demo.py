@@ -4,13 +4,15 @@ The task: every answer starts with "Arr, matey! " and then says what the model w
 The training answers are the model's own greedy answers to the training questions behind that greeting,
 so the prefix has to learn the greeting, not new facts. The demo shows answers to held-out questions
 before and after training, and the loss curve of fastprefix next to PEFT's on the same data from the same
-initial prefix, with the peak memory of one training step of each.
+initial prefix, with the peak memory of one training step of each. It says what each stage is doing as it
+starts and how long it took; training shows a progress bar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import warnings
+import time
 
 import torch
 
@@ -44,10 +46,7 @@ def answers(generate, tokenizer, questions, max_new_tokens=ANSWER_TOKENS) -> lis
     """Greedy answers, one batch, left-padded."""
     tokenizer.padding_side = "left"
     batch = tokenizer(_prompts(tokenizer, questions), return_tensors="pt", padding=True, add_special_tokens=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id)
+    out = generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, batch["input_ids"].shape[1]:]]
 
 
@@ -76,8 +75,9 @@ def training_batch(tokenizer, questions, replies):
     return ids, mask, labels
 
 
-def train(forward, parameters, batch, steps, batch_size, lr, progress) -> list[float]:
-    """AdamW on `parameters`, cycling through `batch` in slices of `batch_size`; returns the loss per step."""
+def train(forward, parameters, batch, steps, batch_size, lr, on_step) -> list[float]:
+    """AdamW on `parameters`, cycling through `batch` in slices of `batch_size`; returns the loss per step.
+    `on_step()` is called after each step."""
     ids, mask, labels = batch
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     losses = []
@@ -88,37 +88,62 @@ def train(forward, parameters, batch, steps, batch_size, lr, progress) -> list[f
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        progress.update(1)
+        on_step()
     return losses
 
 
-def run(steps: int, batch_size: int, prefix_len: int, lr: float, progress, say=print):
-    """The whole demo. Returns {"fastprefix": losses, "peft": losses, "peak_bytes": {...}, "before", "after"}."""
-    from peft import PrefixTuningConfig, get_peft_model
+STAGES = 5
 
-    model, tokenizer = smollm2()
-    model.requires_grad_(False)
-    say(f"SmolLM2-135M-Instruct, {model.config.num_hidden_layers} layers; prefix of {prefix_len} tokens, "
-        f"{steps} steps of {batch_size} examples, AdamW lr {lr}.")
-    replies = [_first_sentence(a) for a in answers(model.generate, tokenizer, TRAIN_QUESTIONS)]
-    batch = training_batch(tokenizer, TRAIN_QUESTIONS, replies)
-    before = answers(model.generate, tokenizer, SHOW_QUESTIONS)
+
+@contextlib.contextmanager
+def stage(number: int, what: str, say):
+    """Says `what` stage `number` (of STAGES) does as it starts, and how long it took when it ends."""
+    say(f"[{number}/{STAGES}] {what} ...")
+    start = time.perf_counter()
+    yield
+    say(f"      done in {time.perf_counter() - start:.0f} s")
+
+
+def _twins(model, prefix_len: int):
+    """(PEFT's prefix-tuning model, the same from the same initial prefix on fastprefix) over copies of `model`."""
+    from peft import PrefixTuningConfig, get_peft_model
 
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_len)
     torch.manual_seed(0)
     peft_model = get_peft_model(copy.deepcopy(model), config)
     fast_peft = get_peft_model(copy.deepcopy(model), config)
     fast_peft.load_state_dict(peft_model.state_dict())
-    fast = from_peft(fast_peft)
+    return peft_model, from_peft(fast_peft)
 
-    ids, mask, labels = (t[:batch_size] for t in batch)
-    peak = {name: peak_cpu_memory(lambda f=f: f(input_ids=ids, attention_mask=mask, labels=labels).loss.backward())
-            for name, f in (("fastprefix", fast), ("peft", peft_model))}
-    for m in (fast_peft, peft_model):
-        m.zero_grad(set_to_none=True)
-    losses = {"fastprefix": train(fast, fast_peft.parameters(), batch, steps, batch_size, lr, progress),
-              "peft": train(peft_model, peft_model.parameters(), batch, steps, batch_size, lr, progress)}
-    after = answers(fast.generate, tokenizer, SHOW_QUESTIONS)
+
+def run(steps: int, batch_size: int, prefix_len: int, lr: float, progress, say=print):
+    """The whole demo, in STAGES stages, each announced through `say`. `progress(total)` makes the training's
+    progress bar (a context manager giving an object with `update(n)`), created as training starts so that
+    its pace is the training's. Returns {"fastprefix": losses, "peft": losses, "peak_bytes": {...}, "before",
+    "after"}."""
+    with stage(1, "loading SmolLM2-135M-Instruct (the first time: converting its GGUF weights to float32, "
+                  "about 20 s)", say):
+        model, tokenizer = smollm2()
+        model.requires_grad_(False)
+    with stage(2, f"the model's own greedy answers to {len(TRAIN_QUESTIONS)} training questions (the targets, after "
+                  f"the greeting) and to {len(SHOW_QUESTIONS)} held-out ones, {ANSWER_TOKENS} tokens each", say):
+        replies = [_first_sentence(a) for a in answers(model.generate, tokenizer, TRAIN_QUESTIONS)]
+        batch = training_batch(tokenizer, TRAIN_QUESTIONS, replies)
+        before = answers(model.generate, tokenizer, SHOW_QUESTIONS)
+    with stage(3, "a prefix of the same initial values for PEFT and fastprefix; the peak memory of one training "
+                  "step of each (under the profiler)", say):
+        peft_model, fast = _twins(model, prefix_len)
+        ids, mask, labels = (t[:batch_size] for t in batch)
+        peak = {name: peak_cpu_memory(lambda f=f: f(input_ids=ids, attention_mask=mask, labels=labels).loss.backward())
+                for name, f in (("fastprefix", fast), ("peft", peft_model))}
+        for m in (fast, peft_model):
+            m.zero_grad(set_to_none=True)
+    with stage(4, f"training: {steps} steps of {batch_size} examples through fastprefix, then the same through PEFT "
+                  f"(AdamW, lr {lr})", say), progress(2 * steps) as bar:
+        losses = {name: train(m, m.parameters(), batch, steps, batch_size, lr, lambda: bar.update(1))
+                  for name, m in (("fastprefix", fast), ("peft", peft_model))}
+    with stage(5, "the held-out answers after training, through fastprefix", say):
+        after = answers(fast.generate, tokenizer, SHOW_QUESTIONS)
     return {**losses, "peak_bytes": peak, "before": before, "after": after}
 
 

@@ -24,8 +24,9 @@ LAYERS = [  # lowest first: a module imports only from its own layer and the lay
                         "fastprefix.models"]),
     ("patching", ["fastprefix.prefix", "fastprefix.patching", "fastprefix.generation"]),
     ("integrations", ["fastprefix.validate", "fastprefix.peft_interop", "fastprefix.trainable"]),
-    ("tools", ["fastprefix.testing", "fastprefix.profiling", "fastprefix.presets", "fastprefix.bench",
-               "fastprefix.demo", "fastprefix.cli", "fastprefix"]),
+    ("tools", ["fastprefix.testing", "fastprefix.profiling", "fastprefix.presets", "fastprefix.timing",
+               "fastprefix.quiet", "fastprefix.bench", "fastprefix.bench_report", "fastprefix.demo",
+               "fastprefix.commands", "fastprefix.cli", "fastprefix"]),
 ]
 LAYER_OF = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 80
