@@ -1,9 +1,10 @@
 """The `fastprefix` command line: `bench` (the main job), `demo`, `check`, `info`.
 
 Arguments are parsed and checked before torch, transformers or PEFT are imported, so `--help` and every
-argument error answer at once: one line on stderr, exit status 2. What needs torch to be known (whether this
-machine has the device asked for, whether fastprefix supports a model directory's model type) is checked next,
-right after importing torch and before any model is built, the same way. The commands are in `commands.py`.
+argument error answer at once: one line on stderr, exit status 2. That includes a device the installed torch
+was built without (CUDA on a CPU build, read from torch's `version.py`). What needs torch itself to be known (how
+many GPUs a CUDA build sees, whether fastprefix supports a model directory's model type) is checked next, right
+after importing torch and before any model is built, the same way. The commands are in `commands.py`.
 """
 
 from __future__ import annotations
@@ -53,10 +54,46 @@ def _positive(text: str) -> int:
     return value
 
 
+def torch_build() -> dict:
+    """What the installed torch was built for, from its `version.py` alone (torch itself is not imported):
+    {"__version__": "2.13.0+cpu", "cuda": None or "12.8", "hip": ..., "xpu": ...}; empty when unreadable."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    version_spec = importlib.util.spec_from_file_location("_fastprefix_torch_version", path)
+    module = importlib.util.module_from_spec(version_spec)
+    try:
+        version_spec.loader.exec_module(module)
+    except (OSError, SyntaxError, ImportError):
+        return {}
+    return {name: getattr(module, name, None) for name in ("__version__", "cuda", "hip", "xpu")}
+
+
+def _missing_by_build(device_type: str, build: dict) -> str | None:
+    """Why this machine cannot have `device_type`, when torch's build (`torch_build`) shows it; else None."""
+    if not build:
+        return None
+    if device_type == "cuda" and build["cuda"] is None and build["hip"] is None:
+        return f"this torch, {build['__version__']}, was built without CUDA"
+    if device_type == "xpu" and build["xpu"] is None:
+        return f"this torch, {build['__version__']}, was built without XPU support"
+    if device_type == "mps" and sys.platform != "darwin":
+        return "torch has no MPS backend here; MPS is Apple silicon's"
+    return None
+
+
 def _device_arg(text: str) -> str:
     if not DEVICE_PATTERN.fullmatch(text):
         raise argparse.ArgumentTypeError(f"expected {DEVICE_HELP.split(' (')[0]} (N: a device index), got {text!r}; "
                                          "`fastprefix info` lists the devices of this machine")
+    build = torch_build()
+    why = _missing_by_build(text.split(":")[0], build)
+    if why is not None:
+        only_cpu = sys.platform != "darwin" and not any(build[name] for name in ("cuda", "hip", "xpu"))
+        raise argparse.ArgumentTypeError(f"{text} is not available here: {why}; "
+                                         + ("devices here: cpu, and `fastprefix info` shows what runs on each"
+                                            if only_cpu else "`fastprefix info` lists the devices of this machine"))
     return text
 
 

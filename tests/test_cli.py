@@ -69,6 +69,15 @@ def test_help_and_argument_errors_answer_without_importing_torch(tmp_path):
         ("demo", "--device", "cuda"): "unrecognized arguments: --device cuda",
     }
     errors.update({("bench", "--model", folder): message for folder, message in bad_model_dirs(tmp_path).items()})
+    if torch.version.cuda is None and torch.version.hip is None:  # a CPU build: its version.py rules CUDA out
+        errors.update({(command, "--device", device): f"argument --device: {device} is not available here: this "
+                       f"torch, {torch.__version__}, was built without CUDA"
+                       for command, device in (("bench", "cuda"), ("bench", "cuda:7"), ("info", "cuda"),
+                                               ("check", "cuda:0"))})
+    if torch.version.xpu is None:
+        errors[("bench", "--device", "xpu")] = "xpu is not available here: this torch"
+    if sys.platform != "darwin":
+        errors[("info", "--device", "mps")] = "mps is not available here: torch has no MPS backend here"
     helps = [["--help"], ["bench", "--help"], ["demo", "--help"], ["check", "--help"], ["info", "--help"]]
     results, heavy = run_arguments([list(argv) for argv in errors] + helps)
     assert heavy == []
@@ -84,6 +93,26 @@ def test_help_and_argument_errors_answer_without_importing_torch(tmp_path):
     assert f"as many as fit {BUDGET_SECONDS} s for all" in " ".join(bench_help.split())
     assert "dtype of the models' weights and of the inputs (default: float32)" in " ".join(bench_help.split())
     assert presets.DEMO_DURATION.split(",")[0] in " ".join(results[len(errors) + 2]["out"].split())
+
+
+@pytest.mark.parametrize("build, device, why", [
+    ({"__version__": "2.13.0+cpu", "cuda": None, "hip": None, "xpu": None}, "cuda", "built without CUDA"),
+    ({"__version__": "2.13.0+cu128", "cuda": "12.8", "hip": None, "xpu": None}, "cuda", None),
+    ({"__version__": "2.13.0+rocm6.4", "cuda": None, "hip": "6.4", "xpu": None}, "cuda", None),
+    ({"__version__": "2.13.0+cu128", "cuda": "12.8", "hip": None, "xpu": None}, "xpu", "built without XPU"),
+    ({"__version__": "2.13.0+xpu", "cuda": None, "hip": None, "xpu": "20250101"}, "xpu", None),
+    ({"__version__": "2.13.0+cpu", "cuda": None, "hip": None, "xpu": None}, "cpu", None),
+    ({}, "cuda", None),
+])
+def test_devices_a_torch_build_rules_out_are_known_without_importing_it(build, device, why):
+    """A GPU build leaves the question to torch itself (how many GPUs it sees); an unreadable build says nothing."""
+    found = cli._missing_by_build(device, build)
+    assert found is None if why is None else why in found
+
+
+def test_torch_build_reads_the_installed_torch():
+    assert cli.torch_build() == {"__version__": torch.__version__, "cuda": torch.version.cuda,
+                                 "hip": torch.version.hip, "xpu": torch.version.xpu}
 
 
 def _unavailable(device: str) -> bool:
