@@ -9,6 +9,7 @@ import sys
 import types
 
 _PUBLIC = {  # module -> the public names it defines
+    "bank": ("BankRows", "PrefixBank"),
     "generation": ("SeesPrompt",),
     "ops": ("prefix_attention",),
     "patching": ("PatchHandle", "patch", "patched", "unpatch"),

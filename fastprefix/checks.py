@@ -201,3 +201,54 @@ def _check_mask_and_bias(q, attn_mask, attn_bias, dims: Dims) -> None:
             raise ValueError(f"prefix_attention: `attn_bias` is on {attn_bias.device} but `q` is on {q.device}.")
         _require_broadcastable("attn_bias", attn_bias, (dims.B, dims.Hq, dims.N, dims.P + dims.S),
                                "[B, Hq, N, P + S]")
+
+
+def check_bank_index(index, num_entries: int, rows: int | None, where: str) -> None:
+    """Raise unless `index` is a 1-D int32/int64 tensor of entries in [0, num_entries) with `rows` values (any
+    number when None): which entry of a bank each row of a batch reads. `where`: the caller, for messages."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{where}: `index` must be a 1-D integer tensor (int32 or int64) with one entry per row, got "
+                        f"{type(index).__name__}; write torch.tensor([...]).")
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{where}: `index` must be an int32 or int64 tensor of entries, got {index.dtype}; convert "
+                        "it with index.long().")
+    if index.dim() != 1 or index.shape[0] == 0:
+        raise ValueError(f"{where}: `index` must be a non-empty 1-D tensor [B] (the entry of each row), got shape "
+                         f"{shape_text(index)}.")
+    if rows is not None and index.shape[0] != rows:
+        raise ValueError(f"{where}: `index` has {index.shape[0]} entries but the batch has {rows} rows; give one "
+                         "entry per row.")
+    low, high = index.min().item(), index.max().item()
+    if low < 0 or high >= num_entries:
+        bad = low if low < 0 else high
+        raise ValueError(f"{where}: `index` holds {bad}, but the bank has T = {num_entries} entries; every value "
+                         f"must be in [0, {num_entries}).")
+
+
+def check_bank_inputs(q, k, v, bank_k, bank_v, index, attn_mask, dropout_p, scale) -> tuple[Dims, float]:
+    """Validate a `bank_prefix_attention` call: `check_inputs` for every entry as a shared prefix, and the
+    index. Returns the `Dims` of entry 0 and the resolved scale."""
+    where = "bank_prefix_attention"
+    for name, seq in (("bank_k", bank_k), ("bank_v", bank_v)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)) or not seq:
+            raise TypeError(f"{where}: `{name}` must be a non-empty list of [Hkv, P_t, D] tensors, one per bank "
+                            f"entry, got {type(seq).__name__}{' (empty)' if isinstance(seq, (list, tuple)) else ''}.")
+    if len(bank_k) != len(bank_v):
+        raise ValueError(f"{where}: `bank_k` has {len(bank_k)} entries and `bank_v` {len(bank_v)}; give one key "
+                         "and one value tensor per entry.")
+    found = None
+    for t, (entry_k, entry_v) in enumerate(zip(bank_k, bank_v)):
+        for name, entry in (("bank_k", entry_k), ("bank_v", entry_v)):
+            if isinstance(entry, torch.Tensor) and entry.dim() != 3:
+                raise ValueError(f"{where}: `{name}[{t}]` must be one entry's [Hkv, P_t, D] tensor, got shape "
+                                 f"{shape_text(entry)}.")
+        try:
+            dims, scale_t = check_inputs(q, k, v, entry_k, entry_v, attn_mask, None, dropout_p, scale)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: entry {t} of the bank (as prefix_k, prefix_v): {error}") from None
+        found = found or (dims, scale_t)
+    check_bank_index(index, len(bank_k), found[0].B, where)
+    if index.device != q.device:
+        raise ValueError(f"{where}: `index` is on {index.device} but `q` is on {q.device}; move it with "
+                         f"index.to({str(q.device)!r}).")
+    return found

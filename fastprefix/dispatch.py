@@ -305,3 +305,22 @@ def select(backend: str, call: Call) -> Implementation:
                            + "; ".join(unavailable) + ".")
     raise ValueError(f"prefix_attention: backend {requested!r} cannot take these inputs: "
                      + " ".join(f"({impl.name}: {'; '.join(reasons)})" for impl, reasons in passed) + ".")
+
+
+BANK_BACKENDS = ("torch",)
+"""The backends that read a prefix bank by row index (`bank_prefix_attention`); `auto` picks the torch path for
+a bank on any device."""
+
+
+def check_bank_backend(backend, where: str, *, environment: bool = True) -> None:
+    """Refuse a `backend=` that cannot read a prefix bank by row index. With `environment`, "auto" is first
+    replaced by FASTPREFIX_BACKEND when that is set (as a call does; `patch` checks the argument alone)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"{where}: `backend` must be a str, got {type(backend).__name__}.")
+    requested = _requested(backend) if environment else backend
+    _require_known(requested, where)
+    if requested != "auto" and requested not in BANK_BACKENDS:
+        source = f" (from {ENV_VAR})" if requested != backend else ""
+        raise ValueError(f"{where}: backend {requested!r}{source} does not read a prefix bank by row index: the "
+                         "Triton kernels do not read a bank yet (and 'reference' takes one prefix); use "
+                         "backend='torch' (or 'auto', which picks it for bank rows on any device).")

@@ -1,14 +1,21 @@
 """`prefix_attention`: the public op. Checks arguments, lets the dispatcher pick an implementation, returns out
-(and lse)."""
+(and lse). `bank_prefix_attention`: its variant for a prefix bank read by row index (the torch path only)."""
 
 from __future__ import annotations
 
 import torch
 
-from .checks import check_inputs
-from .dispatch import Call, select
+from .bank_attention import torch_bank_attention
+from .checks import check_bank_inputs, check_inputs
+from .dispatch import Call, check_bank_backend, select
 
 _AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_cast(device_type: str):
+    """What autocast for `device_type` does to an argument: floating tensors of `_AUTOCAST_FROM` to its dtype."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, attn_mask=None, attn_bias=None,
@@ -45,13 +52,8 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, a
     gradients reach the tensors as given.
     """
     if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
-        device_type = q.device.type
-        dtype = torch.get_autocast_dtype(device_type)
-
-        def cast(t):
-            return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_FROM else t
-
-        with torch.autocast(device_type, enabled=False):
+        cast = _autocast_cast(q.device.type)
+        with torch.autocast(q.device.type, enabled=False):
             return prefix_attention(cast(q), cast(k), cast(v), cast(prefix_k), cast(prefix_v), causal=causal,
                                     scale=scale, attn_mask=attn_mask, attn_bias=cast(attn_bias),
                                     dropout_p=dropout_p, return_lse=return_lse, backend=backend)
@@ -64,4 +66,34 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, *, causal=False, scale=None, a
     implementation = select(backend, Call.of(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, dims, dropout_p))
     out, lse = implementation.run(q, k, v, prefix_k, prefix_v, dims, causal=causal, scale=scale, attn_mask=attn_mask,
                                   attn_bias=attn_bias, dropout_p=dropout_p)
+    return (out, lse.float()) if return_lse else out
+
+
+def bank_prefix_attention(q, k, v, bank_k, bank_v, index, *, causal=False, scale=None, attn_mask=None, dropout_p=0.0,
+                          return_lse=False, backend="auto"):
+    """Attention of q over [entry index[b] of a prefix bank ; sequence keys of row b], without gathering the
+    entries per row.
+
+    Args as `prefix_attention`, but:
+        bank_k, bank_v: lists of T tensors [Hkv, P_t, D], one per bank entry (P may differ between entries).
+        index: [B] int32/int64 on q's device, values in [0, T): the entry each row reads.
+        backend: "auto" or "torch" (the fused PyTorch path; the Triton kernels do not read a bank yet).
+    No attn_bias. Gradients reach q, k, v and every entry (an entry's gradient summed over the rows reading it,
+    zero for entries no row reads). Returns out [B, Hq, N, D] in q.dtype (and lse [B, Hq, N] in float32).
+    Under autocast, inputs are cast as in `prefix_attention`.
+    """
+    check_bank_backend(backend, "bank_prefix_attention")
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        cast = _autocast_cast(q.device.type)
+        with torch.autocast(q.device.type, enabled=False):
+            return bank_prefix_attention(cast(q), cast(k), cast(v), [cast(t) for t in bank_k],
+                                         [cast(t) for t in bank_v], index, causal=causal, scale=scale,
+                                         attn_mask=attn_mask, dropout_p=dropout_p, return_lse=return_lse,
+                                         backend=backend)
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"bank_prefix_attention: `{name}` must be a bool, got {type(flag).__name__}.")
+    dims, scale = check_bank_inputs(q, k, v, bank_k, bank_v, index, attn_mask, dropout_p, scale)
+    out, lse = torch_bank_attention(q, k, v, tuple(bank_k), tuple(bank_v), index, dims, causal=causal, scale=scale,
+                                    attn_mask=attn_mask, dropout_p=dropout_p)
     return (out, lse.float()) if return_lse else out

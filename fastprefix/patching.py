@@ -39,9 +39,9 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from .dispatch import check_backend
-from .models import ATTN_IMPLEMENTATION, family_of, signature
-from .models.base import Family, Geometry, LayerPrefix, Site
+from .dispatch import check_backend, check_bank_backend
+from .models import ATTN_IMPLEMENTATION, FAMILIES, family_of, signature
+from .models.base import BankRowsPrefix, Family, Geometry, LayerPrefix, Site
 
 # Attention module -> (weak reference to its handle, attention kind, layer index) for every patched model;
 # read by the registered function. Only the model keeps its handle alive (through the config views its modules
@@ -107,7 +107,20 @@ def prefixes_by_kind(prefix, family: Family, model: nn.Module) -> dict[str, Laye
         )
     for kind, p in prefixes.items():
         check_prefix(p, geometry[kind], model, family.kinds[kind])
+        if isinstance(p, BankRowsPrefix) and not family.reads_banks:
+            raise TypeError(
+                f"fastprefix: bank rows (PrefixBank.rows) are read by the "
+                f"{' and '.join(f.name for f in FAMILIES if f.reads_banks)} "
+                f"family only for now, not by {family.name} ({type(model).__name__}); give each row's prefix as a "
+                "per-row Prefix ([B, Hkv, P, D] tensors) or run the rows of each entry as a batch of their own."
+            )
     return prefixes
+
+
+def check_bank_rows_backend(prefixes: dict[str, LayerPrefix], backend: str, where: str) -> None:
+    """Refuse bank rows among `prefixes` on a backend that does not read a bank (only the torch path does)."""
+    if any(isinstance(p, BankRowsPrefix) for p in prefixes.values()):
+        check_bank_backend(backend, f"{where} with bank rows", environment=False)
 
 
 def config_view(config, handle: PatchHandle):
@@ -179,16 +192,21 @@ class PatchHandle:
             self._threads.scratch = {}
         return self._threads.scratch
 
-    def prefix_length(self, kind: str) -> int:
+    def position_shift(self, kind: str, rows: int):
+        """P of the prefix of attention kind `kind` (0 without one); for bank rows, a [rows, 1] tensor of each
+        row's entry's P."""
         prefix = self.prefixes.get(kind)
-        return 0 if prefix is None else prefix.length
+        if prefix is None:
+            return 0
+        return prefix.lengths_for(rows)[:, None] if isinstance(prefix, BankRowsPrefix) else prefix.length
 
     def set_prefix(self, prefix) -> None:
         """Attend to `prefix` from now on (checked like the prefix given to `patch`); kinds it does not name
         attend to their sequence alone."""
         self._require_active("set_prefix")
-        self.prefixes = prefixes_by_kind(prefix, self.family, self.model)
-        self._prefix = prefix
+        prefixes = prefixes_by_kind(prefix, self.family, self.model)
+        check_bank_rows_backend(prefixes, self.backend, "set_prefix")
+        self.prefixes, self._prefix = prefixes, prefix
 
     def unpatch(self) -> None:
         """Restore the model exactly as it was before `patch`."""
@@ -225,6 +243,9 @@ def _fastprefix_attention(module, query, key, value, attention_mask, **kwargs):
     prefix = handle.prefixes.get(kind)
     if prefix is None:
         prefix_k = prefix_v = key.new_empty(key.shape[1], 0, key.shape[3])
+    elif isinstance(prefix, BankRowsPrefix):
+        kwargs["prefix_index"] = prefix.index_for(query.shape[0])
+        prefix_k, prefix_v = prefix.layer(layer)
     else:
         _check_rows(prefix, query.shape[0])
         prefix_k, prefix_v = prefix.layer(layer)
@@ -254,6 +275,7 @@ def patch_family(model, prefix, family: Family, backend: str = "auto") -> PatchH
             "on its handle) first, or handle.set_prefix(prefix) to change the prefix."
         )
     prefixes = prefixes_by_kind(prefix, family, model)
+    check_bank_rows_backend(prefixes, backend, "fastprefix.patch")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

@@ -37,6 +37,19 @@ class LayerPrefix(Protocol):
         """(keys, values) of layer i."""
 
 
+@runtime_checkable
+class BankRowsPrefix(LayerPrefix, Protocol):
+    """A prefix whose rows read entries of a bank of shared prefixes (`fastprefix.bank.BankRows` is one): row b
+    reads entry index[b], [Hkv, P_t, D] per layer, P differing between entries. `layer(i)` returns
+    (keys, values) of layer i as tuples of one tensor per entry; `length` is the longest entry's P."""
+
+    def index_for(self, rows: int) -> torch.Tensor:
+        """[rows] int64: the entry each row of a batch of `rows` rows reads (ValueError when it cannot tell)."""
+
+    def lengths_for(self, rows: int) -> torch.Tensor:
+        """[rows] int64: P of the entry each row reads, where that row's sequence positions start."""
+
+
 class PatchState(Protocol):
     """What a family's modules and attention function may use of the patch they serve (`patching` implements it).
 
@@ -52,8 +65,9 @@ class PatchState(Protocol):
     scratch: dict
     backend: str
 
-    def prefix_length(self, kind: str) -> int:
-        """P of the prefix of attention kind `kind`; 0 when the kind has none."""
+    def position_shift(self, kind: str, rows: int) -> int | torch.Tensor:
+        """Where the sequence positions of attention kind `kind` start, for a batch of `rows` rows: P of its
+        prefix (0 when it has none), or for bank rows a [rows, 1] tensor of each row's entry's P."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,8 @@ class Family:
     prompt_kv(model, input_ids [1, P]) -> (keys, values): each layer's keys and values of a prompt run once
         through the unpatched model at positions 0 .. P - 1, one [Hkv, P, D] tensor each (for
         `Prefix.from_prompt`); raises TypeError where a prompt's keys and values make no prefix.
+    reads_banks: whether `attention` takes bank rows (`BankRowsPrefix`): then patching passes it the layer's
+        entries as prefix_k, prefix_v (tuples) and `prefix_index=` [B], the entry of each row.
     """
 
     name: str
@@ -99,6 +115,7 @@ class Family:
     attention: Callable[..., tuple[torch.Tensor, None]]
     install: Callable[[nn.Module, PatchState], list[SwappedClass]]
     prompt_kv: Callable[[nn.Module, torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]
+    reads_banks: bool = False
 
 
 def reduced_as(cls: type, state: dict):

@@ -9,9 +9,9 @@ hands q, k, v and the mask to the function that `config._attn_implementation` na
   update before it sees sequence keys only, so no cache ever holds the prefix;
 * the rotary embedding (given the class `ShiftedRotary` while patched) shifts every position by P, so
   sequence tokens sit at P, P + 1, ... whatever the caller passed or `generate` computed (positions from the
-  attention mask under left padding, the cache length while decoding). Prefix keys are stored already
-  rotated, so they are not touched. The positions used to build the attention mask are left alone: the mask
-  covers sequence keys.
+  attention mask under left padding, the cache length while decoding); with bank rows, each row by its
+  entry's P. Prefix keys are stored already rotated, so they are not touched. The positions used to build the
+  attention mask are left alone: the mask covers sequence keys.
 
 Sliding windows (Mistral, Qwen2's sliding layers): a prompt's prefix (`Prefix.from_prompt`) sits at positions
 0 .. P - 1 and leaves the window as the prompt does in plain transformers, by a bias of -inf on the prefix
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..compat import cache_of
-from ..ops import prefix_attention
+from ..ops import bank_prefix_attention, prefix_attention
 from .base import Family, Geometry, PatchState, Swapped, SwappedClass, swap_class
 
 
@@ -41,7 +41,7 @@ def attention_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
 
 
 def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, site, scaling, dropout=0.0,
-              is_causal=None, **kwargs):
+              is_causal=None, prefix_index=None, **kwargs):
     """transformers' `sdpa_attention_forward`, with the layer's prefix before the sequence keys, on the patch's
     backend (every layer is alike, so only the `site`'s patch state matters).
 
@@ -52,7 +52,8 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
     then crops keys to N) and as no mask when N == 1; so does this function. A learned prefix's columns are
     always visible, as in PEFT's attention mask, whose prefix entries are ones; under a sliding window
     (`sliding_window` among `kwargs`) a prompt's prefix leaves the window (`prompt_window_bias`). Other
-    `kwargs` are already folded into the mask.
+    `kwargs` are already folded into the mask. With bank rows, `prefix_index` [B] is the entry each row reads
+    and prefix_k, prefix_v hold one tensor per entry (`bank_prefix_attention`); no sliding window then.
     """
     causal = False
     if attention_mask is None:
@@ -65,6 +66,17 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
             f"{list(attention_mask.shape)}; a patched model takes a 2-D padding mask (1 = token, 0 = padding) or "
             "a bool 4-D mask over the sequence keys (True = attend)."
         )
+    if prefix_index is not None:
+        if kwargs.get("sliding_window"):
+            raise ValueError(
+                f"fastprefix: layer {module.layer_idx} has a sliding window ({kwargs['sliding_window']}), which bank "
+                "rows (PrefixBank.rows) do not support yet; use a model without sliding-window layers, or patch with "
+                "each entry's Prefix for the rows that read it."
+            )
+        out = bank_prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index, causal=causal,
+                                    scale=scaling, attn_mask=attention_mask, dropout_p=dropout,
+                                    backend=site.state.backend)
+        return out.transpose(1, 2), None
     bias = None
     prefix = site.state.prefixes.get(site.kind)
     if kwargs.get("sliding_window") and prefix is not None and prefix.prompt_ids is not None:
@@ -91,10 +103,12 @@ def prompt_window_bias(position_ids: torch.Tensor, P: int, S: int, window: int, 
 
 class ShiftedRotary(Swapped):
     """The rotary embedding of a patched model: every position it receives is shifted by P, the length of the
-    patch's decoder prefix (Llama and Mistral pass `position_ids` by keyword, Qwen2 positionally)."""
+    patch's decoder prefix, or for bank rows each row's by its entry's P (`x` [B, N, hidden] gives the rows;
+    Llama and Mistral pass `position_ids` by keyword, Qwen2 positionally)."""
 
     def forward(self, x, position_ids, *args, **kwargs):
-        return super().forward(x, position_ids + self.patch_state.prefix_length("decoder"), *args, **kwargs)
+        shift = self.patch_state.position_shift("decoder", x.shape[0])
+        return super().forward(x, position_ids + shift, *args, **kwargs)
 
 
 def install(model: nn.Module, state: PatchState) -> list[SwappedClass]:
@@ -125,4 +139,5 @@ FAMILY = Family(
     attention=attention,
     install=install,
     prompt_kv=prompt_kv,
+    reads_banks=True,
 )
