@@ -64,9 +64,9 @@ class PrefixBank:
 
     def rows(self, index: torch.Tensor) -> BankRows:
         """The prefix of a batch whose row b reads entry index[b]: `index` [B] int32/int64, values in [0, T).
-        Checked here, before any compute."""
+        Checked here, before any compute; the index is copied, so later changes to `index` do not reach it."""
         check_bank_index(index, len(self), None, "PrefixBank.rows")
-        return BankRows(self, index.to(self.entries[0].device, torch.long))
+        return BankRows(self, index.to(self.entries[0].device, torch.long, copy=True))
 
     def __repr__(self) -> str:
         first = self.entries[0]
