@@ -337,7 +337,7 @@ BAD_BANKS = {  # name -> (entries from a good prefix p, error, message)
 
 @pytest.mark.parametrize("case", BAD_BANKS)
 def test_bad_banks_are_refused(setting, case):
-    model, _, bank, ids, mask = setting
+    bank = setting[2]
     entries, error, message = BAD_BANKS[case]
     with pytest.raises(error, match=message):
         fastprefix.PrefixBank(entries(bank[0]))
