@@ -18,7 +18,9 @@ class PrefixBank:
     layer count, KV heads (Hkv), head dim (D), dtype, device and, where both are set, `source`; the bank's
     `source` is the first one set. `bank.rows(index)` gives what `fastprefix.patch`, `patched` and
     `handle.set_prefix` take for a batch whose row b attends to entry index[b], at positions starting at that
-    entry's P (LLaMA-family models, backend 'torch' or 'auto').
+    entry's P (LLaMA-family models, backend 'torch' or 'auto'). Entries computed after the same levels
+    (`Prefix.from_prompt(model, ids, after=levels)`, all with the same `start`) make the last level of a cascade:
+    `patch(model, [*levels, bank.rows(index)])`.
     """
 
     def __init__(self, prefixes: Sequence[Prefix]):
@@ -39,10 +41,12 @@ class PrefixBank:
             for what, got, want in (("layers", entry.num_layers, first.num_layers),
                                     ("KV heads (Hkv)", entry.num_kv_heads, first.num_kv_heads),
                                     ("head dim (D)", entry.head_dim, first.head_dim),
-                                    ("dtype", entry.dtype, first.dtype), ("device", entry.device, first.device)):
+                                    ("dtype", entry.dtype, first.dtype), ("device", entry.device, first.device),
+                                    ("start", entry.start, first.start)):
                 if got != want:
                     raise ValueError(f"PrefixBank: entry {t} has {what} {got} but entry 0 has {want}; every entry "
-                                     "must be a prefix of the same model, in one dtype on one device.")
+                                     "must be a prefix of the same model, in one dtype on one device, computed after "
+                                     "the same levels (Prefix.from_prompt(..., after=...)).")
         sources = [(t, entry.source) for t, entry in enumerate(prefixes) if entry.source is not None]
         for t, source in sources[1:]:
             if source != sources[0][1]:
@@ -50,6 +54,7 @@ class PrefixBank:
                                  f"{sources[0][0]} by {sources[0][1]}; every entry must come from the same model.")
         self.entries: tuple[Prefix, ...] = tuple(prefixes)
         self.source = sources[0][1] if sources else None
+        self.start = first.start
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -116,6 +121,11 @@ class BankRows:
     @property
     def source(self) -> str | None:
         return self.bank.source
+
+    @property
+    def start(self) -> int:
+        """Where every entry starts (the levels they follow; 0 for prompts at positions 0 .. P - 1)."""
+        return self.bank.start
 
     def layer(self, i: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """(keys, values) of layer i: one [Hkv, P_t, D] tensor per entry."""

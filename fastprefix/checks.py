@@ -252,3 +252,38 @@ def check_bank_inputs(q, k, v, bank_k, bank_v, index, attn_mask, dropout_p, scal
         raise ValueError(f"{where}: `index` is on {index.device} but `q` is on {q.device}; move it with "
                          f"index.to({str(q.device)!r}).")
     return found
+
+
+def check_levels_inputs(q, k, v, levels, attn_mask, dropout_p, scale) -> tuple[Dims, float]:
+    """Validate a `levels_prefix_attention` call: each level, a (prefix_k, prefix_v) pair of shared [Hkv, P, D]
+    tensors or a (bank_k, bank_v, index) triple, checked as `check_inputs` or `check_bank_inputs` check it.
+    Returns the `Dims` of level 0 and the resolved scale."""
+    where = "levels_prefix_attention"
+    if not isinstance(levels, (list, tuple)) or not levels:
+        raise TypeError(f"{where}: `levels` must be a non-empty list of levels, each a (prefix_k, prefix_v) pair "
+                        f"or a (bank_k, bank_v, index) triple; got {_described(levels)}.")
+    found = None
+    for i, level in enumerate(levels):
+        if not isinstance(level, (list, tuple)) or len(level) not in (2, 3):
+            raise TypeError(f"{where}: `levels[{i}]` must be a (prefix_k, prefix_v) pair of shared [Hkv, P, D] "
+                            f"tensors or a (bank_k, bank_v, index) triple; got {_described(level)}.")
+        try:
+            if len(level) == 2:
+                for name, t in zip(("prefix_k", "prefix_v"), level):
+                    if isinstance(t, torch.Tensor) and t.dim() != 3:
+                        raise ValueError(f"`{name}` must be a shared [Hkv, P, D] tensor, got shape {shape_text(t)}; "
+                                         "give per-row prompts as a bank level (bank_k, bank_v, index).")
+                checked = check_inputs(q, k, v, *level, attn_mask, None, dropout_p, scale)
+            else:
+                checked = check_bank_inputs(q, k, v, *level, attn_mask, dropout_p, scale)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: level {i}: {error}") from None
+        found = found or checked
+    return found
+
+
+def _described(value) -> str:
+    """A value's type, and its length when it is a list or tuple (for messages)."""
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__

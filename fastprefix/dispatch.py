@@ -324,3 +324,22 @@ def check_bank_backend(backend, where: str, *, environment: bool = True) -> None
         raise ValueError(f"{where}: backend {requested!r}{source} does not read a prefix bank by row index: the "
                          "Triton kernels do not read a bank yet (and 'reference' takes one prefix); use "
                          "backend='torch' (or 'auto', which picks it for bank rows on any device).")
+
+
+LEVELS_BACKENDS = ("torch",)
+"""The backends that read levels of prefixes (`levels_prefix_attention`); `auto` picks the torch path for levels
+on any device."""
+
+
+def check_levels_backend(backend, where: str, *, environment: bool = True) -> None:
+    """Refuse a `backend=` that cannot read levels of prefixes (cascade prompts), as `check_bank_backend` does for
+    a bank."""
+    if not isinstance(backend, str):
+        raise TypeError(f"{where}: `backend` must be a str, got {type(backend).__name__}.")
+    requested = _requested(backend) if environment else backend
+    _require_known(requested, where)
+    if requested != "auto" and requested not in LEVELS_BACKENDS:
+        source = f" (from {ENV_VAR})" if requested != backend else ""
+        raise ValueError(f"{where}: backend {requested!r}{source} does not read levels of prefixes: the Triton "
+                         "kernels do not read levels yet (and 'reference' takes one prefix); use backend='torch' (or "
+                         "'auto', which picks it for levels on any device).")

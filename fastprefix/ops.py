@@ -1,13 +1,15 @@
 """`prefix_attention`: the public op. Checks arguments, lets the dispatcher pick an implementation, returns out
-(and lse). `bank_prefix_attention`: its variant for a prefix bank read by row index (the torch path only)."""
+(and lse). `bank_prefix_attention`: its variant for a prefix bank read by row index (the torch path only);
+`levels_prefix_attention`: for several levels of prefixes in a row (cascade prompts; the torch path only)."""
 
 from __future__ import annotations
 
 import torch
 
 from .bank_attention import torch_bank_attention
-from .checks import check_bank_inputs, check_inputs
-from .dispatch import Call, check_bank_backend, select
+from .checks import check_bank_inputs, check_inputs, check_levels_inputs
+from .dispatch import Call, check_bank_backend, check_levels_backend, select
+from .level_attention import torch_levels_attention
 
 _AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -96,4 +98,37 @@ def bank_prefix_attention(q, k, v, bank_k, bank_v, index, *, causal=False, scale
     dims, scale = check_bank_inputs(q, k, v, bank_k, bank_v, index, attn_mask, dropout_p, scale)
     out, lse = torch_bank_attention(q, k, v, tuple(bank_k), tuple(bank_v), index, dims, causal=causal, scale=scale,
                                     attn_mask=attn_mask, dropout_p=dropout_p)
+    return (out, lse.float()) if return_lse else out
+
+
+def levels_prefix_attention(q, k, v, levels, *, causal=False, scale=None, attn_mask=None, dropout_p=0.0,
+                            return_lse=False, backend="auto"):
+    """Attention of q over [level 0 ; level 1 ; ... ; sequence keys] (cascade prompts), without concatenating them
+    or copying any level per row.
+
+    Args as `prefix_attention`, but:
+        levels: a non-empty list, in order, of shared levels (prefix_k, prefix_v), [Hkv, P_i, D] tensors read by
+            every row, and bank levels (bank_k, bank_v, index) as in `bank_prefix_attention`, row b reading entry
+            index[b]. Level columns are always visible. The segments merge by log-sum-exp (docs/design.md).
+        backend: "auto" or "torch" (the fused PyTorch path; the Triton kernels do not read levels).
+    No attn_bias. Gradients reach q, k, v and every level's tensors (a shared level's summed over the rows, a bank
+    entry's over the rows reading it). Returns out [B, Hq, N, D] in q.dtype (and lse [B, Hq, N] in float32).
+    Under autocast, inputs are cast as in `prefix_attention`.
+    """
+    check_levels_backend(backend, "levels_prefix_attention")
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        cast = _autocast_cast(q.device.type)
+        cast_level = lambda level: ((cast(level[0]), cast(level[1])) if len(level) == 2 else
+                                    ([cast(t) for t in level[0]], [cast(t) for t in level[1]], level[2]))
+        with torch.autocast(q.device.type, enabled=False):
+            return levels_prefix_attention(cast(q), cast(k), cast(v), [cast_level(level) for level in levels],
+                                           causal=causal, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p,
+                                           return_lse=return_lse, backend=backend)
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"levels_prefix_attention: `{name}` must be a bool, got {type(flag).__name__}.")
+    dims, scale = check_levels_inputs(q, k, v, levels, attn_mask, dropout_p, scale)
+    levels = [tuple(level) if len(level) == 2 else (tuple(level[0]), tuple(level[1]), level[2]) for level in levels]
+    out, lse = torch_levels_attention(q, k, v, levels, dims, causal=causal, scale=scale, attn_mask=attn_mask,
+                                      dropout_p=dropout_p)
     return (out, lse.float()) if return_lse else out

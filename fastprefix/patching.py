@@ -37,9 +37,11 @@ import warnings
 import weakref
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
-from .dispatch import check_backend, check_bank_backend
+from .dispatch import check_backend, check_bank_backend, check_levels_backend
+from .levels import Levels
 from .models import ATTN_IMPLEMENTATION, FAMILIES, family_of, signature
 from .models.base import BankRowsPrefix, Family, Geometry, LayerPrefix, Site
 
@@ -78,13 +80,13 @@ def check_prefix(prefix, geometry: Geometry, model: nn.Module, where: str) -> No
         )
 
 
-def prefixes_by_kind(prefix, family: Family, model: nn.Module) -> dict[str, LayerPrefix]:
-    """{kind: Prefix} for `prefix` (a `Prefix`, which goes to the family's first kind, or a dict naming
-    kinds), each checked against the model."""
+def prefixes_by_kind(prefix, family: Family, model: nn.Module) -> dict[str, LayerPrefix | Levels]:
+    """{kind: Prefix or Levels} for `prefix` (a `Prefix` or a list of levels, which go to the family's first kind,
+    or a dict naming kinds), each checked against the model. A list of one level is that level."""
     geometry = family.geometry(model)
     kinds = ", ".join(f"{kind!r} ({family.kinds[kind]})" for kind in geometry)
     default = next(iter(family.kinds))
-    if isinstance(prefix, LayerPrefix):
+    if isinstance(prefix, (LayerPrefix, list, tuple)):
         if default not in geometry:
             raise ValueError(
                 f"fastprefix: a bare Prefix goes to {family.kinds[default]}, which {type(model).__name__} does not "
@@ -102,11 +104,21 @@ def prefixes_by_kind(prefix, family: Family, model: nn.Module) -> dict[str, Laye
             )
     else:
         raise TypeError(
-            f"fastprefix: expected a fastprefix.Prefix, or a dict {{kind: Prefix}} with kinds among {kinds}; got "
-            f"{type(prefix).__name__}."
+            f"fastprefix: expected a fastprefix.Prefix, a list of levels [level0, level1, ...], or a dict "
+            f"{{kind: Prefix}} with kinds among {kinds}; got {type(prefix).__name__}."
         )
     for kind, p in prefixes.items():
+        if isinstance(p, (list, tuple)):
+            prefixes[kind] = p = _levels(p, family, geometry[kind], model, family.kinds[kind])
+            if isinstance(p, Levels):
+                continue
         check_prefix(p, geometry[kind], model, family.kinds[kind])
+        start = getattr(p, "start", 0)
+        if start:
+            raise ValueError(
+                f"fastprefix: the prefix for {family.kinds[kind]} was computed after levels of {start} positions "
+                "(Prefix.from_prompt(..., after=...)); patch with the list of levels [level0, ..., this prefix]."
+            )
         if isinstance(p, BankRowsPrefix) and not family.reads_banks:
             raise TypeError(
                 f"fastprefix: bank rows (PrefixBank.rows) are read by the "
@@ -117,8 +129,31 @@ def prefixes_by_kind(prefix, family: Family, model: nn.Module) -> dict[str, Laye
     return prefixes
 
 
+def _levels(levels, family: Family, geometry: Geometry, model: nn.Module, where: str) -> LayerPrefix | Levels:
+    """`Levels` of a list of levels for the attention kind `where`, each level checked against the model; the
+    level itself when there is one."""
+    if any(isinstance(level, torch.Tensor) for level in levels):
+        raise TypeError(
+            f"fastprefix: expected a fastprefix.Prefix for {where}, got list of tensors; build Prefix(keys, values) "
+            "from one key and one value tensor per layer (a list is read as levels of Prefixes)."
+        )
+    if not family.reads_levels:
+        raise TypeError(
+            f"fastprefix: levels of prefixes (a list [level0, level1, ...]) are read by the "
+            f"{' and '.join(f.name for f in FAMILIES if f.reads_levels)} family only, not by {family.name} "
+            f"({type(model).__name__}); give one Prefix per attention kind."
+        )
+    found = Levels(levels, f"the levels for {where}")
+    for i, level in enumerate(found.levels):
+        check_prefix(level, geometry, model, f"level {i} of {where}")
+    return found.levels[0] if len(found.levels) == 1 else found
+
+
 def check_bank_rows_backend(prefixes: dict[str, LayerPrefix], backend: str, where: str) -> None:
-    """Refuse bank rows among `prefixes` on a backend that does not read a bank (only the torch path does)."""
+    """Refuse bank rows among `prefixes` on a backend that does not read a bank (only the torch path does), and
+    levels on one that does not read levels."""
+    if any(isinstance(p, Levels) for p in prefixes.values()):
+        check_levels_backend(backend, f"{where} with levels", environment=False)
     if any(isinstance(p, BankRowsPrefix) for p in prefixes.values()):
         check_bank_backend(backend, f"{where} with bank rows", environment=False)
 
@@ -194,10 +229,12 @@ class PatchHandle:
 
     def position_shift(self, kind: str, rows: int):
         """P of the prefix of attention kind `kind` (0 without one); for bank rows, a [rows, 1] tensor of each
-        row's entry's P."""
+        row's entry's P; for levels, their total length (per row when the last level is bank rows)."""
         prefix = self.prefixes.get(kind)
         if prefix is None:
             return 0
+        if isinstance(prefix, Levels):
+            return prefix.position_shift(rows)
         return prefix.lengths_for(rows)[:, None] if isinstance(prefix, BankRowsPrefix) else prefix.length
 
     def set_prefix(self, prefix) -> None:
@@ -243,6 +280,9 @@ def _fastprefix_attention(module, query, key, value, attention_mask, **kwargs):
     prefix = handle.prefixes.get(kind)
     if prefix is None:
         prefix_k = prefix_v = key.new_empty(key.shape[1], 0, key.shape[3])
+    elif isinstance(prefix, Levels):
+        kwargs["prefix_levels"] = prefix.op_levels(layer, query.shape[0])
+        prefix_k = prefix_v = None
     elif isinstance(prefix, BankRowsPrefix):
         kwargs["prefix_index"] = prefix.index_for(query.shape[0])
         prefix_k, prefix_v = prefix.layer(layer)
@@ -288,7 +328,9 @@ def patch(model, prefix, *, backend: str = "auto") -> PatchHandle:
     """Route every attention layer of `model` through `prefix_attention` with `prefix` before the sequence.
 
     `prefix`: a `Prefix` for the family's first attention kind (every layer of a decoder-only model; T5's
-    decoder self-attention), or a dict {kind: Prefix} (T5: "encoder", "decoder", "cross"). The prefix never
+    decoder self-attention), a list of levels [level0, level1, ...] attended in that order (cascade prompts:
+    shared Prefixes, each computed `after=` the ones before it, and bank rows as the last level; LLaMA family,
+    backend "torch" or "auto"), or a dict {kind: Prefix} (T5: "encoder", "decoder", "cross"). The prefix never
     enters a cache (after `generate` the cache holds the sequence only), sequence tokens sit at positions
     P, P + 1, ... (rotary models; T5's relative bias gives prefix columns the positions just before the
     sequence), and the model's own attention mask (padding, left padding) applies to sequence keys. Every

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch
 
 from .checks import shape_text
+from .dispatch import check_backend
 from .models import ATTN_IMPLEMENTATION, family_of, signature
-from .patching import patched
+from .patching import patch
 
 _LAYOUT = "[Hkv, P, D] (shared by every row) or [B, Hkv, P, D] (one per row)"
 _FORMAT = "fastprefix-prefix-1"
@@ -27,13 +28,16 @@ class Prefix:
     prefix computed by a module keeps its autograd graph. `source`: the `models.signature` of the model the
     keys and values come from, when known (`from_prompt` sets it, `save` and `load` keep it); `patch` refuses
     the prefix on a model with another. `prompt_ids`: the prompt's token ids [P] when the keys and values are a
-    prompt's at positions 0 .. P - 1 (`from_prompt` sets it): a sliding window then hides them as it hides the
-    prompt in plain transformers, and `fastprefix.SeesPrompt` shows them to logits processors. Without it
-    (a learned prefix) the prefix is always visible.
+    prompt's, at positions start .. start + P - 1 (`from_prompt` sets it): a sliding window then hides them as it
+    hides the prompt in plain transformers, and `fastprefix.SeesPrompt` shows them to logits processors. Without
+    it (a learned prefix) the prefix is always visible. `start`: the position of the prefix's first token, 0 but for
+    a level of a cascade: `from_prompt(model, ids, after=levels)` computes the prompt as the continuation of
+    `levels` and sets it to their total length; such a prefix is patched after those levels only
+    (`patch(model, [*levels, prefix])`).
     """
 
     def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, source: str | None = None,
-                 prompt_ids: torch.Tensor | None = None):
+                 prompt_ids: torch.Tensor | None = None, start: int = 0):
         for name, seq in (("keys", keys), ("values", values)):
             if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
                 raise TypeError(
@@ -70,13 +74,17 @@ class Prefix:
                                        or prompt_ids.is_floating_point()):
             raise ValueError(f"Prefix: `prompt_ids` must be the prompt's P = {first.shape[-2]} token ids, an integer "
                              f"tensor [P]; got {prompt_ids.dtype} of shape {shape_text(prompt_ids)}.")
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"Prefix: `start` must be a non-negative int (the position of the first token), got "
+                             f"{start!r}.")
         self.keys: tuple[torch.Tensor, ...] = tuple(keys)
         self.values: tuple[torch.Tensor, ...] = tuple(values)
         self.source = source
         self.prompt_ids = None if prompt_ids is None else prompt_ids.detach().to("cpu", torch.long)
+        self.start = start
 
     @classmethod
-    def from_prompt(cls, model, input_ids: torch.Tensor, *, backend: str = "auto") -> Prefix:
+    def from_prompt(cls, model, input_ids: torch.Tensor, *, after=None, backend: str = "auto") -> Prefix:
         """The keys and values of a shared prompt, computed once, as a shared prefix.
 
         `model` is an unpatched model of a registered decoder-only family (LLaMA, Mistral, Qwen2);
@@ -86,6 +94,13 @@ class Prefix:
         generates every row as if it were [prompt ; suffix_row], the prompt's keys and values stored once
         for the whole batch and never in the rows' cache. Computed without gradient, with the prompt's attention
         run by `prefix_attention` on `backend` (as in `fastprefix.patch`).
+
+        `after`: a shared Prefix of this model, or a list of levels [level0, level1, ...] (shared Prefixes, as
+        `fastprefix.patch` takes them). The prompt is then computed as their continuation: its tokens attend to
+        them (and to the prompt's earlier tokens) at positions L .. L + P - 1, L the levels' total length, which
+        becomes the prefix's `start`. `patched(model, [*levels, prefix])` then runs each row as
+        [levels' prompts ; prompt ; row]; prefixes computed after the same levels make a `PrefixBank` whose rows
+        are the last level.
         """
         family = family_of(model)
         if getattr(model.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
@@ -102,17 +117,30 @@ class Prefix:
                 f"Prefix.from_prompt: `input_ids` must be one non-empty prompt, [P] or [1, P], got shape "
                 f"{shape_text(input_ids)}. For a prompt per row, build Prefix([B, Hkv, P, D] tensors) yourself."
             )
-        no_prefix = {}
-        for kind, g in family.geometry(model).items():
-            nothing = torch.empty(g.num_kv_heads, 0, g.head_dim, dtype=model.dtype, device=model.device)
-            no_prefix[kind] = cls([nothing] * g.num_layers, [nothing] * g.num_layers)
-        with torch.no_grad(), patched(model, no_prefix, backend=backend):
-            return cls(*family.prompt_kv(model, ids), source=signature(model), prompt_ids=ids[0])
+        check_backend(backend, model.device, "Prefix.from_prompt")
+        levels = _levels_before(after)
+        context = levels or {}
+        if not levels:
+            for kind, g in family.geometry(model).items():
+                nothing = torch.empty(g.num_kv_heads, 0, g.head_dim, dtype=model.dtype, device=model.device)
+                context[kind] = cls([nothing] * g.num_layers, [nothing] * g.num_layers)
+        try:
+            handle = patch(model, context, backend=backend)
+        except (TypeError, ValueError) as error:
+            if not levels:
+                raise
+            raise type(error)(f"Prefix.from_prompt: `after` does not fit the model: {error}") from None
+        try:
+            with torch.no_grad():
+                return cls(*family.prompt_kv(model, ids), source=signature(model), prompt_ids=ids[0],
+                           start=sum(level.length for level in levels))
+        finally:
+            handle.unpatch()
 
     def save(self, path) -> None:
         """Write the keys and values to a safetensors file at `path`, with what `load` and `patch` check: the
         layer count, KV heads, P, head dim, dtype, layout and `source` (and `prompt_ids`). Another process can
-        `load` it instead of running the prompt again."""
+        `load` it instead of running the prompt again. `start` is kept too."""
         from safetensors.torch import save_file
 
         tensors = {f"{name}.{i}": t.detach().contiguous()
@@ -121,7 +149,7 @@ class Prefix:
             tensors["prompt_ids"] = self.prompt_ids
         metadata = dict(format=_FORMAT, layers=self.num_layers, kv_heads=self.num_kv_heads, length=self.length,
                         head_dim=self.head_dim, dtype=str(self.dtype).removeprefix("torch."), shared=self.shared,
-                        source=self.source or "")
+                        source=self.source or "", start=self.start)
         save_file(tensors, str(path), metadata={key: str(value) for key, value in metadata.items()})
 
     @classmethod
@@ -139,7 +167,8 @@ class Prefix:
             keys = [f.get_tensor(f"keys.{i}") for i in range(layers)]
             values = [f.get_tensor(f"values.{i}") for i in range(layers)]
             prompt_ids = f.get_tensor("prompt_ids") if "prompt_ids" in f.keys() else None
-        return cls(keys, values, source=metadata["source"] or None, prompt_ids=prompt_ids)
+        return cls(keys, values, source=metadata["source"] or None, prompt_ids=prompt_ids,
+                   start=int(metadata.get("start", 0)))
 
     @property
     def num_layers(self) -> int:
@@ -182,5 +211,24 @@ class Prefix:
 
     def __repr__(self) -> str:
         rows = "shared" if self.shared else f"B={self.batch_size}"
+        start = f"start={self.start}, " if self.start else ""
         return (f"Prefix(layers={self.num_layers}, Hkv={self.num_kv_heads}, P={self.length}, D={self.head_dim}, "
-                f"{rows}, {self.dtype}, {self.device})")
+                f"{start}{rows}, {self.dtype}, {self.device})")
+
+
+def _levels_before(after) -> list[Prefix]:
+    """The levels `Prefix.from_prompt(..., after=after)` continues: [] for None, else a list of shared Prefixes."""
+    if after is None:
+        return []
+    levels = list(after) if isinstance(after, (list, tuple)) else [after]
+    for i, level in enumerate(levels):
+        if not isinstance(level, Prefix) or not level.shared:
+            got = f"a per-row Prefix (B={level.batch_size})" if isinstance(level, Prefix) else type(level).__name__
+            raise TypeError(f"Prefix.from_prompt: `after` must be a shared Prefix or a list of shared Prefixes (the "
+                            f"levels the prompt continues); item {i} is {got}. A prompt continues one context: for a "
+                            "prompt per document, call from_prompt once per document (each after= the same levels) and "
+                            "put the results in a PrefixBank.")
+    if not levels:
+        raise ValueError("Prefix.from_prompt: `after` is an empty list; give the levels the prompt continues, or leave "
+                         "`after` out for a prompt at positions 0 .. P - 1.")
+    return levels

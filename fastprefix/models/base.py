@@ -67,7 +67,8 @@ class PatchState(Protocol):
 
     def position_shift(self, kind: str, rows: int) -> int | torch.Tensor:
         """Where the sequence positions of attention kind `kind` start, for a batch of `rows` rows: P of its
-        prefix (0 when it has none), or for bank rows a [rows, 1] tensor of each row's entry's P."""
+        prefix (0 when it has none), or for bank rows a [rows, 1] tensor of each row's entry's P; for levels
+        their total length (a [rows, 1] tensor when the last level is bank rows)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ class Family:
         `Prefix.from_prompt`); raises TypeError where a prompt's keys and values make no prefix.
     reads_banks: whether `attention` takes bank rows (`BankRowsPrefix`): then patching passes it the layer's
         entries as prefix_k, prefix_v (tuples) and `prefix_index=` [B], the entry of each row.
+    reads_levels: whether `attention` takes levels of prefixes (`patch(model, [level0, level1, ...])`): then
+        patching passes it prefix_k = prefix_v = None and `prefix_levels=`, the levels of the layer as
+        `levels_prefix_attention` takes them.
     """
 
     name: str
@@ -116,6 +120,7 @@ class Family:
     install: Callable[[nn.Module, PatchState], list[SwappedClass]]
     prompt_kv: Callable[[nn.Module, torch.Tensor], tuple[list[torch.Tensor], list[torch.Tensor]]]
     reads_banks: bool = False
+    reads_levels: bool = False
 
 
 def reduced_as(cls: type, state: dict):

@@ -10,8 +10,9 @@ hands q, k, v and the mask to the function that `config._attn_implementation` na
 * the rotary embedding (given the class `ShiftedRotary` while patched) shifts every position by P, so
   sequence tokens sit at P, P + 1, ... whatever the caller passed or `generate` computed (positions from the
   attention mask under left padding, the cache length while decoding); with bank rows, each row by its
-  entry's P. Prefix keys are stored already rotated, so they are not touched. The positions used to build the
-  attention mask are left alone: the mask covers sequence keys.
+  entry's P; with levels, by their total length (each row's own when the last level is bank rows). Prefix keys
+  are stored already rotated, so they are not touched. The positions used to build the attention mask are left
+  alone: the mask covers sequence keys.
 
 Sliding windows (Mistral, Qwen2's sliding layers): a prompt's prefix (`Prefix.from_prompt`) sits at positions
 0 .. P - 1 and leaves the window as the prompt does in plain transformers, by a bias of -inf on the prefix
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from ..compat import cache_of
-from ..ops import bank_prefix_attention, prefix_attention
+from ..ops import bank_prefix_attention, levels_prefix_attention, prefix_attention
 from .base import Family, Geometry, PatchState, Swapped, SwappedClass, swap_class
 
 
@@ -41,7 +42,7 @@ def attention_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
 
 
 def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, site, scaling, dropout=0.0,
-              is_causal=None, prefix_index=None, **kwargs):
+              is_causal=None, prefix_index=None, prefix_levels=None, **kwargs):
     """transformers' `sdpa_attention_forward`, with the layer's prefix before the sequence keys, on the patch's
     backend (every layer is alike, so only the `site`'s patch state matters).
 
@@ -53,7 +54,8 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
     always visible, as in PEFT's attention mask, whose prefix entries are ones; under a sliding window
     (`sliding_window` among `kwargs`) a prompt's prefix leaves the window (`prompt_window_bias`). Other
     `kwargs` are already folded into the mask. With bank rows, `prefix_index` [B] is the entry each row reads
-    and prefix_k, prefix_v hold one tensor per entry (`bank_prefix_attention`); no sliding window then.
+    and prefix_k, prefix_v hold one tensor per entry (`bank_prefix_attention`); with levels, `prefix_levels` holds
+    them (`levels_prefix_attention`); no sliding window then.
     """
     causal = False
     if attention_mask is None:
@@ -66,6 +68,16 @@ def attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, 
             f"{list(attention_mask.shape)}; a patched model takes a 2-D padding mask (1 = token, 0 = padding) or "
             "a bool 4-D mask over the sequence keys (True = attend)."
         )
+    if prefix_levels is not None:
+        if kwargs.get("sliding_window"):
+            raise ValueError(
+                f"fastprefix: layer {module.layer_idx} has a sliding window ({kwargs['sliding_window']}), which levels "
+                "of prefixes do not support yet; use a model without sliding-window layers, or one Prefix of the "
+                "whole prompt (Prefix.from_prompt(model, torch.cat([level-0 ids, level-1 ids])))."
+            )
+        out = levels_prefix_attention(query, key, value, prefix_levels, causal=causal, scale=scaling,
+                                      attn_mask=attention_mask, dropout_p=dropout, backend=site.state.backend)
+        return out.transpose(1, 2), None
     if prefix_index is not None:
         if kwargs.get("sliding_window"):
             raise ValueError(
@@ -103,8 +115,8 @@ def prompt_window_bias(position_ids: torch.Tensor, P: int, S: int, window: int, 
 
 class ShiftedRotary(Swapped):
     """The rotary embedding of a patched model: every position it receives is shifted by P, the length of the
-    patch's decoder prefix, or for bank rows each row's by its entry's P (`x` [B, N, hidden] gives the rows;
-    Llama and Mistral pass `position_ids` by keyword, Qwen2 positionally)."""
+    patch's decoder prefix, or for bank rows each row's by its entry's P, for levels by their total length
+    (`x` [B, N, hidden] gives the rows; Llama and Mistral pass `position_ids` by keyword, Qwen2 positionally)."""
 
     def forward(self, x, position_ids, *args, **kwargs):
         shift = self.patch_state.position_shift("decoder", x.shape[0])
@@ -140,4 +152,5 @@ FAMILY = Family(
     install=install,
     prompt_kv=prompt_kv,
     reads_banks=True,
+    reads_levels=True,
 )
