@@ -19,6 +19,12 @@ values at 2l + 1), placed where PEFT's cache places them:
 The base model is patched (`patching`) until `unpatch()`, so gradients reach PEFT's own parameters, gradient
 checkpointing works (the prefix is not in the cache that checkpointing disables), and `generate` keeps the
 prefix out of its cache.
+
+Several adapters in one batch: `adapter_names=[...]` (one adapter name per row, PEFT's convention for mixed
+LoRA batches, "__base__" for a row without adapter) makes each adapter used a `PrefixBank` entry and row b
+read adapter_names[b]'s (`bank.rows`), on a causal LM. PEFT 0.21.2 itself does not mix prefix-tuning
+adapters: its forward ignores `adapter_names` (every row gets the active adapter) and its `generate` refuses
+the argument.
 """
 
 from __future__ import annotations
@@ -28,13 +34,17 @@ import dataclasses
 import torch
 from torch import nn
 
+from .bank import BankRows, PrefixBank
 from .compat import CACHE_ARGUMENTS
-from .dispatch import check_backend
+from .dispatch import check_backend, check_bank_backend
 from .models import family_of, t5
 from .models.base import reduced_as
 from .patching import patch_family
 from .prefix import Prefix
-from .validate import enum_value, validate
+from .validate import PrefixConfigError, enum_value, validate
+
+BASE_ADAPTER = "__base__"
+"""PEFT's name, in `adapter_names`, for a row that runs the base model without adapter."""
 
 
 def shared_cache_attention(module, query, key, value, attention_mask, prefix_k, prefix_v, *, site, **kwargs):
@@ -82,8 +92,8 @@ class PeftPrefixModel:
     (checkpoints are plain PEFT adapters), while its forward and `generate` attend to the prefix through
     fastprefix. `model(...)` takes the arguments of PEFT's forward and returns the base model's output
     (logits, loss); a `decoder_attention_mask` covers the decoder tokens only (PEFT prepends ones for its
-    prefix itself). `unpatch()` gives the model back its own class and its base model its attention, exactly
-    as before.
+    prefix itself); on a causal LM both take `adapter_names=[...]`, one adapter per row (`adapter_rows`).
+    `unpatch()` gives the model back its own class and its base model its attention, exactly as before.
     """
 
     @property
@@ -91,18 +101,20 @@ class PeftPrefixModel:
         """The PEFT model (this very object)."""
         return self
 
-    def prefix(self) -> Prefix | dict[str, Prefix]:
-        """The prefix of PEFT's active adapter where PEFT places it (see the module docstring): a `Prefix` for
-        a causal LM, {kind: Prefix} for a seq2seq LM; one [Hkv, P, D] key and value tensor per layer, views of
-        the prompt encoder's output computed once (differentiable with respect to its parameters)."""
-        config = self.active_peft_config
-        encoder = self.prompt_encoder[self.active_adapter]
+    def prefix(self, adapter_name: str | None = None) -> Prefix | dict[str, Prefix]:
+        """The prefix of adapter `adapter_name` (default: PEFT's active adapter) where PEFT places it (see the
+        module docstring): a `Prefix` for a causal LM, {kind: Prefix} for a seq2seq LM; one [Hkv, P, D] key and
+        value tensor per layer, views of the prompt encoder's output computed once (differentiable with respect
+        to its parameters)."""
+        name = self.active_adapter if adapter_name is None else adapter_name
+        config = self.peft_config[name]
+        encoder = self.prompt_encoder[name]
         P, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
         if config.inference_mode:
             # As in PEFT's get_prompt: in inference mode the embedding holds the prefix itself.
             flat = encoder.embedding.weight
         else:
-            tokens = self.prompt_tokens[self.active_adapter][:P].to(encoder.embedding.weight.device)
+            tokens = self.prompt_tokens[name][:P].to(encoder.embedding.weight.device)
             flat = encoder(tokens)
         if self.base_model_torch_dtype is not None:
             flat = flat.to(self.base_model_torch_dtype)
@@ -114,8 +126,67 @@ class PeftPrefixModel:
             return {"decoder": prefix, "cross": prefix} if shared_cache else {"decoder": prefix}
         return prefix
 
+    def adapter_rows(self, adapter_names, rows: int | None = None) -> BankRows:
+        """The prefix of a batch whose row b attends to adapter adapter_names[b]'s: each adapter named is
+        computed once (`prefix(name)`) as an entry of a `PrefixBank`, and row b reads its entry (`bank.rows`),
+        nothing copied per row. `rows`: the batch's row count, when known. Every name is checked first (a list
+        of `rows` names of prefix-tuning adapters of this model that fit it, on a causal LM, on a backend that
+        reads a bank), before any compute. A row named "__base__" (`BASE_ADAPTER`) runs without adapter, as in
+        PEFT's mixed LoRA batches."""
+        names = self._checked_adapter_names(adapter_names, rows)
+        used = list(dict.fromkeys(names))  # each adapter once, in order of first use
+        bank = PrefixBank([self._no_prefix() if name == BASE_ADAPTER else self.prefix(name) for name in used])
+        return bank.rows(torch.tensor([used.index(name) for name in names]))
+
+    def _no_prefix(self) -> Prefix:
+        """The prefix of a row without adapter (`BASE_ADAPTER`): P = 0, an empty [Hkv, 0, D] pair per layer."""
+        base = self.get_base_model()
+        g = family_of(base).geometry(base)["decoder"]
+        nothing = torch.empty(g.num_kv_heads, 0, g.head_dim, dtype=base.dtype, device=base.device)
+        return Prefix([nothing] * g.num_layers, [nothing] * g.num_layers)
+
+    def _checked_adapter_names(self, adapter_names, rows: int | None) -> list[str]:
+        """`adapter_names` as a list, or the error that says what is wrong with it and what to write."""
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            got = type(adapter_names).__name__
+            if isinstance(adapter_names, (list, tuple)):
+                got = f"a {got} holding " + ", ".join(sorted({type(n).__name__ for n in adapter_names}))
+            raise TypeError(f"fastprefix: `adapter_names` must be a list of adapter names (str), one per row of the "
+                            f"batch, got {got}; write adapter_names=['name of row 0', 'name of row 1', ...].")
+        if not adapter_names:
+            raise ValueError("fastprefix: `adapter_names` is empty; give one adapter name per row of the batch.")
+        if _layout(self.active_peft_config)[0]:
+            raise TypeError(
+                f"fastprefix: `adapter_names` mixes adapters by a prefix bank, which the LLaMA family reads only for "
+                f"now, not {type(self.get_base_model()).__name__}; run the rows of each adapter as a batch of their "
+                "own (model.set_adapter(name)).")
+        check_bank_backend(self._fastprefix_handle.backend,
+                           f"fastprefix: `adapter_names` on a model from from_peft(..., backend="
+                           f"{self._fastprefix_handle.backend!r})")
+        if rows is not None and len(adapter_names) != rows:
+            raise ValueError(f"fastprefix: `adapter_names` has {len(adapter_names)} names but the batch has {rows} "
+                             f"rows; give one adapter name per row ({rows}).")
+        known = list(self.peft_config)
+        for b, name in enumerate(adapter_names):
+            if name not in self.peft_config and name != BASE_ADAPTER:
+                raise ValueError(f"fastprefix: `adapter_names[{b}]` is {name!r}, which this model has no adapter of; "
+                                 f"its adapters are {known}, and {BASE_ADAPTER!r} runs a row without adapter (add "
+                                 "one with load_adapter(path, adapter_name=...) or add_adapter(name, config)).")
+        base = self.get_base_model()
+        for name in (n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER):
+            where = f"fastprefix: adapter {name!r} (in `adapter_names`)"
+            try:
+                validate(self.peft_config[name], base)
+            except PrefixConfigError as error:
+                raise PrefixConfigError(f"{where}: {error}", error.mismatches) from None
+            except TypeError as error:
+                raise TypeError(f"{where}: {error}") from None
+        return list(adapter_names)
+
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+                output_hidden_states=None, return_dict=None, task_ids=None, adapter_names=None, **kwargs):
+        """PEFT's forward on fastprefix: the base model's output attending to the active adapter's prefix, or with
+        `adapter_names` (one name per row; see `adapter_rows`) row b to adapter adapter_names[b]'s."""
         if task_ids is not None:
             raise ValueError("fastprefix: `task_ids` select a task of multitask prompt tuning; prefix tuning has "
                              "none. Drop the argument.")
@@ -128,13 +199,17 @@ class PeftPrefixModel:
                 "model.gradient_checkpointing_enable() (non-reentrant, the transformers default) or with "
                 "gradient_checkpointing_kwargs={'use_reentrant': False}."
             )
-        self._fastprefix_handle.set_prefix(self.prefix())
+        rows = _rows_of(input_ids if input_ids is not None else inputs_embeds)
+        prefix = self.prefix() if adapter_names is None else self.adapter_rows(adapter_names, rows)
+        self._fastprefix_handle.set_prefix(prefix)
         return base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                     return_dict=return_dict, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        """The base model's `generate` attending to the current prefix (computed once, without gradient).
+    def generate(self, *args, adapter_names=None, **kwargs):
+        """The base model's `generate` attending to the active adapter's prefix, or with `adapter_names` (one name
+        per row of the inputs; see `adapter_rows`) row b to adapter adapter_names[b]'s (computed once, without
+        gradient); num_beams and num_return_sequences repeat each row's adapter with the row.
 
         With PEFT's `num_transformer_submodules=1` layout on T5, cross-attention lets every decoder position see
         every other, so the states of earlier positions change with each new token and cannot be cached: the
@@ -152,8 +227,15 @@ class PeftPrefixModel:
                     "num_transformer_submodules=2."
                 )
             kwargs["use_cache"] = False
-        with torch.no_grad():
-            self._fastprefix_handle.set_prefix(self.prefix())
+        if adapter_names is None:
+            with torch.no_grad():
+                prefix = self.prefix()
+        else:
+            inputs = args[0] if args else next((kwargs[k] for k in ("inputs", "input_ids", "inputs_embeds")
+                                                if kwargs.get(k) is not None), None)
+            with torch.no_grad():
+                prefix = self.adapter_rows(adapter_names, _rows_of(inputs))
+        self._fastprefix_handle.set_prefix(prefix)
         return self.get_base_model().generate(*args, **kwargs)
 
     def unpatch(self) -> None:
@@ -169,6 +251,11 @@ class PeftPrefixModel:
         # Copies and pickles are of the PEFT class, without fastprefix (the base model's modules copy unpatched).
         state = {key: value for key, value in self.__getstate__().items() if not key.startswith("_fastprefix_")}
         return reduced_as(self._fastprefix_peft_class, state)
+
+
+def _rows_of(inputs) -> int | None:
+    """The batch's row count from its input ids or embeddings (None when neither is given)."""
+    return inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() > 1 else None
 
 
 def key_slots(num_layers: int, decoder_of_two_submodules: bool) -> list[int]:
