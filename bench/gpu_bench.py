@@ -57,6 +57,8 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
+from gpu_decode import (D, DECODE_HKV, DECODE_P, DECODE_S, HQ, TWO_LEVEL_DOCUMENT, TWO_LEVEL_DOCUMENTS,  # noqa: E402
+                        TWO_LEVEL_SYSTEM, decode_providers, two_level_providers, usable_baselines)
 from fastprefix import prefix_attention  # noqa: E402
 from fastprefix.testing import (Case, compare_forward_to_oracle, compare_to_oracle, dropout_probabilities,  # noqa: E402
                                 make_inputs)
@@ -84,10 +86,11 @@ CPU_DECODE_CHECK_SIZE = dict(B=3, Hq=4, S=20, P=17, D=16)
 
 TIMING_SHAPES = [(hkv, n, p) for hkv in (32, 8) for n in (1024, 4096) for p in (16, 128, 1024)]
 QUICK_TIMING_SHAPES = [(8, 4096, 128), (8, 4096, 1024), (32, 1024, 128)]
-B, HQ, D = 8, 32, 128
+B = 8
 DECODE_SHAPES = [(64, 1), (64, 4), (8, 1)]  # (B, N)
 QUICK_DECODE_SHAPES = [(64, 1)]
-DECODE_HKV, DECODE_P, DECODE_S = 8, 4096, 256
+TWO_LEVEL_SHAPES = [(64, 1), (64, 4)]  # (B, N)
+QUICK_TWO_LEVEL_SHAPES = [(64, 1)]
 
 
 class CaseTimeout(Exception):
@@ -257,85 +260,36 @@ def time_all(shapes, timeout: int | None = None):
     return rows
 
 
-def decode_providers(b: int, n: int, device: str = "cuda", p: int = DECODE_P, s: int = DECODE_S,
-                     dtype=torch.bfloat16):
-    """(fused, {SDPA kernel: step}) for the decode case, each step() -> out: fastprefix on a shared prefix
-    [Hkv, P, D] and per-row caches [B, Hkv, S, D], and SDPA over per-row copies [B, Hkv, P + S, D]
-    (allocated before timing, as a copied cache would be)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
-
-    hkv, g = DECODE_HKV, HQ // DECODE_HKV
-    q, k, v = randn(b, HQ, n, D), randn(b, hkv, s, D), randn(b, hkv, s, D)
-    prefix_k, prefix_v = randn(hkv, p, D), randn(hkv, p, D)
-    copies_k = torch.cat([prefix_k.expand(b, -1, -1, -1), k], dim=2)
-    copies_v = torch.cat([prefix_v.expand(b, -1, -1, -1), v], dim=2)
-    # Query i of head h * G + j is row j * N + i of KV head h, so SDPA reads each copy once per KV head; with
-    # N > 1 a bool mask gives query i the lower-right causal window (sequence keys up to S - N + i).
-    grouped_q = q.view(b, hkv, g * n, D)
-    mask = None
-    if n > 1:
-        last_key = p + s - n + torch.arange(n, device=device).repeat(g)
-        mask = torch.arange(p + s, device=device)[None, :] <= last_key[:, None]
-
-    def fused():
-        with torch.no_grad():
-            return prefix_attention(q, k, v, prefix_k, prefix_v, causal=n > 1, backend="triton")
-
-    def sdpa(backend):
-        def step():
-            with torch.no_grad(), sdpa_kernel(backend):
-                out = F.scaled_dot_product_attention(grouped_q, copies_k, copies_v, attn_mask=mask)
-            return out.view(b, HQ, n, D)
-        return step
-
-    return fused, {"flash": sdpa(SDPBackend.FLASH_ATTENTION), "efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
-
-
-def usable_baselines(fused, baselines) -> dict:
-    """The SDPA kernels that take these shapes, each checked against fastprefix's output (bf16: 2e-2
-    relative); raises AssertionError on a mismatch."""
-    from fastprefix.testing import relative_error
-
-    expected = fused()
-    usable = {}
-    for name, step in baselines.items():
-        try:
-            out = step()
-        except RuntimeError as error:  # a kernel that refuses these shapes or this device
-            print(f"SDPA {name}: not usable here ({str(error).splitlines()[0]})", flush=True)
-            continue
-        error = relative_error(expected, out)
-        assert error < 2e-2, f"fastprefix decode differs from SDPA {name} over per-row copies: {error:.2e}"
-        usable[name] = step
-    return usable
-
-
-def time_decode(shapes, timeout: int | None = None):
+def time_decode(shapes, timeout: int | None = None, providers=decode_providers, stored: int = DECODE_P,
+                per_row: int = DECODE_P, label: str = "decode"):
+    """Decode rows of `shapes` [(B, N)] for `providers` (`decode_providers` or `two_level_providers`): fastprefix
+    reads the `stored` prompt tokens once, each row's copy holds `per_row` prompt tokens."""
     from triton.testing import do_bench
 
     def measure(b, n):
-        fused, baselines = decode_providers(b, n)
+        fused, baselines = providers(b, n)
         baselines = usable_baselines(fused, baselines)
         row = dict(B=b, N=n, **{"fastprefix ms": do_bench(fused, warmup=25, rep=100, return_mode="median")})
         sdpa_ms = {name: do_bench(step, warmup=25, rep=100, return_mode="median") for name, step in baselines.items()}
         best = min(sdpa_ms, key=sdpa_ms.get)
         row.update({"SDPA ms": sdpa_ms[best], "SDPA kernel": best})
         kv_bytes = 2 * 2 * D * DECODE_HKV  # K and V, bf16, per token
-        row["fastprefix GB/s"] = kv_bytes * (DECODE_P + b * DECODE_S) / row["fastprefix ms"] / 1e6
-        row["SDPA GB/s"] = kv_bytes * b * (DECODE_P + DECODE_S) / row["SDPA ms"] / 1e6
+        row["fastprefix GB/s"] = kv_bytes * (stored + b * DECODE_S) / row["fastprefix ms"] / 1e6
+        row["SDPA GB/s"] = kv_bytes * b * (per_row + DECODE_S) / row["SDPA ms"] / 1e6
         row["speedup"] = row["SDPA ms"] / row["fastprefix ms"]
         return row
 
     rows = []
     for b, n in shapes:
-        row = time_case(f"decode B={b} N={n}", timeout, lambda: measure(b, n))
+        row = time_case(f"{label} B={b} N={n}", timeout, lambda: measure(b, n))
         rows += [row] if row else []
     return rows
+
+
+def time_two_level(shapes, timeout: int | None = None):
+    stored = TWO_LEVEL_SYSTEM + TWO_LEVEL_DOCUMENTS * TWO_LEVEL_DOCUMENT
+    return time_decode(shapes, timeout, two_level_providers, stored, TWO_LEVEL_SYSTEM + TWO_LEVEL_DOCUMENT,
+                       "two-level decode")
 
 
 def markdown(header: list[str], rows: list[list]) -> list[str]:
@@ -343,13 +297,18 @@ def markdown(header: list[str], rows: list[list]) -> list[str]:
         "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
 
-def decode_table(rows) -> list[str]:
-    title = (f"Decode, bf16, Hq={HQ}, Hkv={DECODE_HKV}, D={D}, shared prefix P={DECODE_P}, per-row cache "
-             f"S={DECODE_S}; GB/s = K/V bytes each reads / time.")
+def decode_table(rows, title: str | None = None) -> list[str]:
+    title = title or (f"Decode, bf16, Hq={HQ}, Hkv={DECODE_HKV}, D={D}, shared prefix P={DECODE_P}, per-row cache "
+                      f"S={DECODE_S}; GB/s = K/V bytes each reads / time.")
     header = ["B", "N", "fused ms", "fused GB/s", "SDPA ms", "SDPA GB/s", "SDPA kernel", "speedup"]
     return [title, ""] + markdown(header, [
         [r["B"], r["N"], f"{r['fastprefix ms']:.3f}", f"{r['fastprefix GB/s']:.0f}", f"{r['SDPA ms']:.3f}",
          f"{r['SDPA GB/s']:.0f}", r["SDPA kernel"], f"{r['speedup']:.2f}"] for r in rows])
+
+
+TWO_LEVEL_TITLE = (f"Two-level decode (levels_prefix_attention), bf16, Hq={HQ}, Hkv={DECODE_HKV}, D={D}, a shared "
+                   f"{TWO_LEVEL_SYSTEM}-token system prompt, {TWO_LEVEL_DOCUMENTS} documents of {TWO_LEVEL_DOCUMENT} "
+                   f"tokens read by row, per-row cache S={DECODE_S}; SDPA over per-row copies of both prompts.")
 
 
 def table(rows, dense_tflops) -> list[str]:
@@ -455,9 +414,12 @@ def main(argv=None) -> int:
         dense = matmul_tflops()
         rows = time_all(QUICK_TIMING_SHAPES if args.quick else TIMING_SHAPES, args.case_timeout)
         decode_rows = time_decode(QUICK_DECODE_SHAPES if args.quick else DECODE_SHAPES, args.case_timeout)
+        two_level_rows = time_two_level(QUICK_TWO_LEVEL_SHAPES if args.quick else TWO_LEVEL_SHAPES,
+                                        args.case_timeout)
     summary = (f"{len(counter.compiled)} kernel variants compiled; {time.perf_counter() - start:.0f} s in all"
                f"{' (--quick)' if args.quick else ''}")
-    lines = [describe(), "", *table(rows, dense), "", *decode_table(decode_rows), "", summary, "",
+    lines = [describe(), "", *table(rows, dense), "", *decode_table(decode_rows), "",
+             *decode_table(two_level_rows, TWO_LEVEL_TITLE), "", summary, "",
              *goals(rows, dense, decode_rows)]
     print("\n" + "\n".join(lines))
     if args.markdown:
@@ -466,7 +428,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": describe(), "quick": args.quick, "dense_bf16_tflops": dense, "rows": rows,
-                       "decode_rows": decode_rows, "compiled": len(counter.compiled),
+                       "decode_rows": decode_rows, "two_level_rows": two_level_rows, "compiled": len(counter.compiled),
                        "seconds": time.perf_counter() - start, "goals": goals(rows, dense, decode_rows)}, f, indent=1)
     return 0
 

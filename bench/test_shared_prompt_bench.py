@@ -27,7 +27,6 @@ import torch
 
 from fastprefix.bench import shared_prompt_providers
 from fastprefix.presets import smollm2, tiny_llama
-from fastprefix.profiling import peak_cpu_memory
 
 B, SUFFIX, PROMPT, NEW_TOKENS = 16, 16, 1024, 32
 pytestmark = pytest.mark.benchmark(timer=time.process_time)
@@ -53,22 +52,13 @@ PROVIDERS = {"concat_rows": "concat rows", "copied_cache": "copied cache", "fast
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_shared_prompt_generation(benchmark, case, provider):
+def test_shared_prompt_generation(benchmark, timed_once, case, provider):
     name, model, prompt, suffixes, tokens = case
     run = shared_prompt_providers(model, prompt, suffixes, NEW_TOKENS)[PROVIDERS[provider]]
-    peak = peak_cpu_memory(run)
-    seconds, results = [], []
-
-    def timed():
-        start = time.process_time()
-        results.append(run())
-        seconds.append(time.process_time() - start)
-
-    benchmark.pedantic(timed, rounds=1, warmup_rounds=0)
-    out, prompt_kv = results[0]
+    (out, prompt_kv), peak, seconds = timed_once(run)
     tokens[provider] = out
     benchmark.extra_info.update(model=name, B=B, suffix=SUFFIX, prompt=PROMPT, new_tokens=NEW_TOKENS,
                                 peak_mib=round(peak / 2**20, 1), prompt_kv_mib=round(prompt_kv / 2**20, 2),
-                                new_tokens_per_s=round(B * NEW_TOKENS / seconds[0], 1))
+                                new_tokens_per_s=round(B * NEW_TOKENS / seconds, 1))
     if "concat_rows" in tokens:
         benchmark.extra_info["same_tokens_as_concat_rows"] = bool(torch.equal(out, tokens["concat_rows"]))

@@ -18,7 +18,7 @@ class PrefixBank:
     layer count, KV heads (Hkv), head dim (D), dtype, device and, where both are set, `source`; the bank's
     `source` is the first one set. `bank.rows(index)` gives what `fastprefix.patch`, `patched` and
     `handle.set_prefix` take for a batch whose row b attends to entry index[b], at positions starting at that
-    entry's P (LLaMA-family models, backend 'torch' or 'auto'). Entries computed after the same levels
+    entry's P (LLaMA-family models, backend 'auto', 'triton' or 'torch'). Entries computed after the same levels
     (`Prefix.from_prompt(model, ids, after=levels)`, all with the same `start`) make the last level of a cascade:
     `patch(model, [*levels, bank.rows(index)])`.
     """

@@ -21,11 +21,13 @@ from typing import Callable
 
 import torch
 
+from .bank_attention import torch_bank_attention
 from .checks import Dims
 from .reference import reference_attention
 from .segment_attention import Explicit, FlashCPU
 from .torch_path import torch_prefix_attention
-from .triton_path import triton_decode_attention, triton_prefix_attention
+from .triton_path import (triton_bank_attention, triton_bank_decode, triton_decode_attention,
+                          triton_prefix_attention)
 
 logger = logging.getLogger("fastprefix")
 
@@ -52,7 +54,7 @@ TRITON_MIN_ARCH = 80
 class Call:
     """What dispatch looks at in a validated call. `needs_grad`: grad mode is on and some input requires
     grad; `bias_grad`: grad mode is on and attn_bias requires grad; `features`: "mask", "bias" and "dropout"
-    where the call has them."""
+    where the call has them, "bank" for a prefix bank read by row index."""
 
     dims: Dims
     dtype: torch.dtype
@@ -307,23 +309,37 @@ def select(backend: str, call: Call) -> Implementation:
                      + " ".join(f"({impl.name}: {'; '.join(reasons)})" for impl, reasons in passed) + ".")
 
 
-BANK_BACKENDS = ("torch",)
-"""The backends that read a prefix bank by row index (`bank_prefix_attention`); `auto` picks the torch path for
-a bank on any device."""
+BANK_BACKENDS = ("triton", "torch")
+"""The backends that read a prefix bank by row index (`bank_prefix_attention`); `auto` picks as for a call with one
+shared prefix (Triton for CUDA tensors where a launch fits, the torch path elsewhere)."""
+_BANK_RUNS = {"triton-decode": triton_bank_decode, "triton": triton_bank_attention}
 
 
-def check_bank_backend(backend, where: str, *, environment: bool = True) -> None:
-    """Refuse a `backend=` that cannot read a prefix bank by row index. With `environment`, "auto" is first
-    replaced by FASTPREFIX_BACKEND when that is set (as a call does; `patch` checks the argument alone)."""
+def select_bank(backend: str, call: Call) -> Callable:
+    """What runs a bank call: the bank variant of the implementation `select` picks for `call` (the call with one
+    entry as a shared prefix; `needs_grad` counting every entry): the Triton decode or general kernels, else the
+    torch path. Takes its arguments and returns as `torch_bank_attention`."""
+    return _BANK_RUNS.get(select(backend, call).name, torch_bank_attention)
+
+
+def _check_reads(backend, where: str, environment: bool, supported: tuple[str, ...], refusal: str) -> None:
+    """Refuse a `backend=` not among `supported` with `refusal` (what it does not read, and what to use). With
+    `environment`, "auto" is first replaced by FASTPREFIX_BACKEND when that is set (as a call does; `patch`
+    checks the argument alone)."""
     if not isinstance(backend, str):
         raise TypeError(f"{where}: `backend` must be a str, got {type(backend).__name__}.")
     requested = _requested(backend) if environment else backend
     _require_known(requested, where)
-    if requested != "auto" and requested not in BANK_BACKENDS:
+    if requested != "auto" and requested not in supported:
         source = f" (from {ENV_VAR})" if requested != backend else ""
-        raise ValueError(f"{where}: backend {requested!r}{source} does not read a prefix bank by row index: the "
-                         "Triton kernels do not read a bank yet (and 'reference' takes one prefix); use "
-                         "backend='torch' (or 'auto', which picks it for bank rows on any device).")
+        raise ValueError(f"{where}: backend {requested!r}{source} {refusal}")
+
+
+def check_bank_backend(backend, where: str, *, environment: bool = True) -> None:
+    """Refuse a `backend=` that cannot read a prefix bank by row index (see `_check_reads`)."""
+    _check_reads(backend, where, environment, BANK_BACKENDS,
+                 "does not read a prefix bank by row index (it takes one prefix); use backend='triton' or 'torch' "
+                 "(or 'auto', which picks between them as for one prefix).")
 
 
 LEVELS_BACKENDS = ("torch",)
@@ -332,14 +348,7 @@ on any device."""
 
 
 def check_levels_backend(backend, where: str, *, environment: bool = True) -> None:
-    """Refuse a `backend=` that cannot read levels of prefixes (cascade prompts), as `check_bank_backend` does for
-    a bank."""
-    if not isinstance(backend, str):
-        raise TypeError(f"{where}: `backend` must be a str, got {type(backend).__name__}.")
-    requested = _requested(backend) if environment else backend
-    _require_known(requested, where)
-    if requested != "auto" and requested not in LEVELS_BACKENDS:
-        source = f" (from {ENV_VAR})" if requested != backend else ""
-        raise ValueError(f"{where}: backend {requested!r}{source} does not read levels of prefixes: the Triton "
-                         "kernels do not read levels yet (and 'reference' takes one prefix); use backend='torch' (or "
-                         "'auto', which picks it for levels on any device).")
+    """Refuse a `backend=` that cannot read levels of prefixes (cascade prompts; see `_check_reads`)."""
+    _check_reads(backend, where, environment, LEVELS_BACKENDS,
+                 "does not read levels of prefixes: the Triton kernels do not read levels yet (and 'reference' "
+                 "takes one prefix); use backend='torch' (or 'auto', which picks it for levels on any device).")

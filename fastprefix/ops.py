@@ -1,14 +1,15 @@
 """`prefix_attention`: the public op. Checks arguments, lets the dispatcher pick an implementation, returns out
-(and lse). `bank_prefix_attention`: its variant for a prefix bank read by row index (the torch path only);
+(and lse). `bank_prefix_attention`: its variant for a prefix bank read by row index (Triton or torch path);
 `levels_prefix_attention`: for several levels of prefixes in a row (cascade prompts; the torch path only)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .bank_attention import torch_bank_attention
 from .checks import check_bank_inputs, check_inputs, check_levels_inputs
-from .dispatch import Call, check_bank_backend, check_levels_backend, select
+from .dispatch import Call, check_bank_backend, check_levels_backend, select, select_bank
 from .level_attention import torch_levels_attention
 
 _AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
@@ -79,7 +80,7 @@ def bank_prefix_attention(q, k, v, bank_k, bank_v, index, *, causal=False, scale
     Args as `prefix_attention`, but:
         bank_k, bank_v: lists of T tensors [Hkv, P_t, D], one per bank entry (P may differ between entries).
         index: [B] int32/int64 on q's device, values in [0, T): the entry each row reads.
-        backend: "auto" or "torch" (the fused PyTorch path; the Triton kernels do not read a bank yet).
+        backend: "auto", "triton" or "torch"; "auto" picks as for one shared prefix (see `dispatch.select_bank`).
     No attn_bias. Gradients reach q, k, v and every entry (an entry's gradient summed over the rows reading it,
     zero for entries no row reads). Returns out [B, Hq, N, D] in q.dtype (and lse [B, Hq, N] in float32).
     Under autocast, inputs are cast as in `prefix_attention`.
@@ -96,8 +97,11 @@ def bank_prefix_attention(q, k, v, bank_k, bank_v, index, *, causal=False, scale
         if not isinstance(flag, bool):
             raise TypeError(f"bank_prefix_attention: `{name}` must be a bool, got {type(flag).__name__}.")
     dims, scale = check_bank_inputs(q, k, v, bank_k, bank_v, index, attn_mask, dropout_p, scale)
-    out, lse = torch_bank_attention(q, k, v, tuple(bank_k), tuple(bank_v), index, dims, causal=causal, scale=scale,
-                                    attn_mask=attn_mask, dropout_p=dropout_p)
+    call = Call.of(q, k, v, bank_k[0], bank_v[0], attn_mask, None, dims, dropout_p)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bank_k, *bank_v))
+    run = select_bank(backend, dataclasses.replace(call, needs_grad=needs_grad, features=call.features | {"bank"}))
+    out, lse = run(q, k, v, tuple(bank_k), tuple(bank_v), index, dims, causal=causal, scale=scale, attn_mask=attn_mask,
+                   dropout_p=dropout_p)
     return (out, lse.float()) if return_lse else out
 
 

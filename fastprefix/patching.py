@@ -150,8 +150,8 @@ def _levels(levels, family: Family, geometry: Geometry, model: nn.Module, where:
 
 
 def check_bank_rows_backend(prefixes: dict[str, LayerPrefix], backend: str, where: str) -> None:
-    """Refuse bank rows among `prefixes` on a backend that does not read a bank (only the torch path does), and
-    levels on one that does not read levels."""
+    """Refuse bank rows among `prefixes` on a backend that does not read a bank ('reference': it takes one
+    prefix), and levels on one that does not read levels (only the torch path does)."""
     if any(isinstance(p, Levels) for p in prefixes.values()):
         check_levels_backend(backend, f"{where} with levels", environment=False)
     if any(isinstance(p, BankRowsPrefix) for p in prefixes.values()):

@@ -6,6 +6,9 @@ Forward saves q, k, v, the prefix, the mask and bias, out and lse; backward reco
 the kernels (nothing of size N x (P + S) is stored). The dropout mask is regenerated in backward from the
 seed drawn in forward (from torch's default generator, so `torch.manual_seed` makes it reproducible).
 Triton is imported on the first call, not when fastprefix is imported.
+
+A prefix bank read by row index (`bank_prefix_attention`) runs the same kernels reading, for row b, entry
+index[b] of the bank in place (`kernels.BankTable`): `TritonBankAttention` and the decode kernels likewise.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from __future__ import annotations
 import torch
 
 from .checks import Dims
+
+
+def _dropout_seed(dropout_p: float) -> int:
+    return int(torch.randint(2**31 - 1, ()).item()) if dropout_p > 0 else 0
 
 
 class TritonPrefixAttention(torch.autograd.Function):
@@ -23,7 +30,7 @@ class TritonPrefixAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, prefix_k, prefix_v, attn_bias, attn_mask, causal, scale, dropout_p):
         from fastprefix import kernels
 
-        seed = int(torch.randint(2**31 - 1, ()).item()) if dropout_p > 0 else 0
+        seed = _dropout_seed(dropout_p)
         out, lse = kernels.attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, causal=causal,
                                              scale=scale, dropout_p=dropout_p, seed=seed)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attn_bias, attn_mask, out, lse)
@@ -58,3 +65,52 @@ def triton_decode_attention(q, k, v, prefix_k, prefix_v, dims: Dims, *, causal, 
     from fastprefix import kernels
 
     return kernels.decode_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, causal=causal, scale=scale)
+
+
+class TritonBankAttention(torch.autograd.Function):
+    """Autograd for the Triton path over a prefix bank. Inputs: q, k, v, index, attn_mask (or None), causal,
+    scale, dropout_p, then the T entries' keys, then their values ([Hkv, P_t, D] each)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, index, attn_mask, causal, scale, dropout_p, *entries):
+        from fastprefix import kernels
+
+        T = len(entries) // 2
+        seed = _dropout_seed(dropout_p)
+        out, lse = kernels.attention_forward(q, k, v, None, None, attn_mask, None, causal=causal, scale=scale,
+                                             dropout_p=dropout_p, seed=seed,
+                                             bank=kernels.BankTable.of(entries[:T], entries[T:], index))
+        ctx.save_for_backward(q, k, v, index, attn_mask, out, lse, *entries)
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        from fastprefix import kernels
+
+        q, k, v, index, attn_mask, out, lse, *entries = ctx.saved_tensors
+        T = len(entries) // 2
+        needs = ctx.needs_input_grad
+        prefix_grad = any(needs[8:])
+        dq, dk, dv, dpk, dpv, _ = kernels.attention_backward(
+            dout, q, k, v, None, None, attn_mask, None, out, lse, causal=ctx.causal, scale=ctx.scale,
+            dropout_p=ctx.dropout_p, seed=ctx.seed, sequence_grad=needs[1] or needs[2], prefix_grad=prefix_grad,
+            bias_grad=False, bank=kernels.BankTable.of(entries[:T], entries[T:], index))
+        return dq, dk, dv, None, None, None, None, None, *(dpk + dpv if prefix_grad else [None] * len(entries))
+
+
+def triton_bank_attention(q, k, v, bank_k, bank_v, index, dims: Dims, *, causal, scale, attn_mask, dropout_p):
+    """The general kernels reading a prefix bank by row index, with autograd (each entry's gradient summed over
+    its rows, deterministically). Inputs validated by `check_bank_inputs`; returns (out, lse) as
+    `triton_prefix_attention`."""
+    return TritonBankAttention.apply(q, k, v, index, attn_mask, causal, scale, dropout_p, *bank_k, *bank_v)
+
+
+def triton_bank_decode(q, k, v, bank_k, bank_v, index, dims: Dims, *, causal, scale, attn_mask, dropout_p):
+    """The decode kernels reading a prefix bank by row index (no gradient, `dropout_p` 0): the rows of each entry
+    stacked against it, so an entry is read once per tile of its rows, not once per row."""
+    from fastprefix import kernels
+
+    return kernels.decode_forward(q, k, v, None, None, attn_mask, None, causal=causal, scale=scale,
+                                  bank=kernels.BankTable.of(bank_k, bank_v, index))

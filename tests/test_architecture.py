@@ -13,7 +13,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LAYERS = [  # lowest first: a module imports only from its own layer and the layers above it in this list
-    ("kernels", ["fastprefix.kernels.common", "fastprefix.kernels.tuning", "fastprefix.kernels.forward",
+    ("kernels", ["fastprefix.kernels.common", "fastprefix.kernels.bank", "fastprefix.kernels.tuning", "fastprefix.kernels.forward",
                  "fastprefix.kernels.backward", "fastprefix.kernels.decode", "fastprefix.kernels",
                  "fastprefix.kernels.report"]),
     ("foundations", ["fastprefix.checks", "fastprefix.compat", "fastprefix.reference"]),

@@ -4,6 +4,7 @@ interpreter at tiny sizes, so the script is known to import and its checks to pa
 import importlib.util
 import json
 import pathlib
+import sys
 
 import torch
 
@@ -13,6 +14,10 @@ BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_bench.py
 
 
 def load_bench():
+    """bench/gpu_bench.py as a module; its directory on sys.path, as when it runs as a script (it imports
+    gpu_decode from there)."""
+    if str(BENCH.parent) not in sys.path:
+        sys.path.insert(0, str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -73,4 +78,14 @@ def test_decode_case_matches_sdpa_over_copies_on_cpu():
     bench = load_bench()
     for n in (1, 3):
         fused, baselines = bench.decode_providers(3, n, device="cpu", p=19, s=7, dtype=torch.float32)
+        assert "flash" in bench.usable_baselines(fused, baselines)
+
+
+def test_two_level_decode_case_matches_sdpa_over_copies_on_cpu():
+    """The two-level decode timing's providers at a tiny size on CPU: levels_prefix_attention (a shared system
+    prompt, then a document per row) and SDPA over per-row copies of both prompts give the same output."""
+    bench = load_bench()
+    for n in (1, 3):
+        fused, baselines = bench.two_level_providers(5, n, device="cpu", system=11, document=6, documents=3, s=7,
+                                                     dtype=torch.float32)
         assert "flash" in bench.usable_baselines(fused, baselines)

@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ALL_KERNELS = {"fwd", "bwd_preprocess", "dq", "dkdv", "dkdv_shared_prefix", "dbias", "decode_prefix", "decode_rows",
-               "decode_merge"}
+               "decode_merge", "fwd_bank", "dq_bank", "dkdv_bank", "decode_prefix_bank"}
 NO_DOTS = {"bwd_preprocess", "decode_merge"}
 QUICK_TARGETS = {(80, 128, "fp16"), (86, 256, "bf16"), (89, 64, "bf16"), (90, 128, "bf16"), (90, 256, "fp16")}
 SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -61,7 +61,9 @@ def test_all_compile_within_resources(report):
         if v["kernel"] not in NO_DOTS and v["dtype"] != "fp32":
             assert r["hmma"] + r["hgmma"] > 0, where + " has no tensor-core instruction"
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "no launch fits" not in proc.stdout, "a kernel some target cannot launch: " + proc.stdout[-2000:]
+    unlaunched = [line for line in proc.stdout.splitlines() if "no launch fits" in line]
+    # A bank's dK/dV at D = 256 spills on sm_86: such calls run on the torch path (the dispatcher says why).
+    assert all("dkdv_bank" in line and "sm_86 D=256" in line for line in unlaunched), unlaunched
 
 
 def test_stacked_prefix_tiles_are_tensor_core_products(report):

@@ -18,7 +18,6 @@ from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_mod
 
 import fastprefix
 from fastprefix.compat import cache_of
-from fastprefix.dispatch import unavailable_reasons
 from fastprefix.testing import AllocationRecorder, greedy_by_forward, materialization_violations, relative_error
 from helpers.llama import padded_batch, tiny_model
 from helpers.t5 import t5_twins, tiny_t5
@@ -301,18 +300,15 @@ def test_bad_adapter_names_are_refused(twins, case, method):
 
 @pytest.mark.parametrize("method", ["forward", "generate"])
 @pytest.mark.parametrize("source", ["argument", "environment"])
-def test_triton_is_refused(plain, monkeypatch, source, method):
-    """The Triton kernels do not read a prefix bank yet: backend='triton' (from_peft's argument, or 'auto'
-    under FASTPREFIX_BACKEND=triton) with adapter_names is refused; the model then serves the active adapter."""
-    reasons = unavailable_reasons("triton", torch.device("cpu"))
-    if source == "argument" and reasons:
-        pytest.skip("Triton backend unavailable here: " + "; ".join(reasons))
+def test_reference_backend_is_refused(plain, monkeypatch, source, method):
+    """The reference backend takes one prefix, not a bank: backend='reference' (from_peft's argument, or 'auto'
+    under FASTPREFIX_BACKEND=reference) with adapter_names is refused; the model then serves the active adapter."""
     if source == "environment":
         fast = fastprefix.from_peft(copy.deepcopy(plain))
-        monkeypatch.setenv("FASTPREFIX_BACKEND", "triton")
+        monkeypatch.setenv("FASTPREFIX_BACKEND", "reference")
     else:
-        fast = fastprefix.from_peft(copy.deepcopy(plain), backend="triton")
-    message = "`adapter_names` on a model from from_peft.*backend 'triton'.* does not read a prefix bank"
+        fast = fastprefix.from_peft(copy.deepcopy(plain), backend="reference")
+    message = "`adapter_names` on a model from from_peft.*backend 'reference'.* does not read a prefix bank"
     calls, hooks = calls_counted(fast)
     with pytest.raises(ValueError, match=message):
         call_with(method, NAMES)(fast)

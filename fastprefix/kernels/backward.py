@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, LOG2E_VALUE, broadcast_operand, chunks, compile_options, device_guard, dot,
-                     grad_scores, kv_tiles, load_rows, prefix_strides, query_tile, sequence_ranges, strides)
+from .bank import BankTable, entry_gradients, entry_segment, prefix_args, prefix_tiles
+from .common import (LOG2E, LOG2E_VALUE, broadcast_operand, chunks, compile_options, device_guard, dot, grad_scores,
+                     kv_tiles, load_rows, prefix_strides, query_tile, sequence_ranges, strides)
 from .tuning import DBIAS, DKDV, DQ, autotuned, features_of, fixed_launch, preprocess_block
 
 
@@ -70,7 +71,7 @@ def _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, k_ti
 
 
 @triton.jit(do_not_specialize=["seed", "TUNE_Q", "TUNE_KV"])
-def _dq_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DQ,
+def _dq_kernel(Q, K, V, PK, PV, ENTRIES, INDEX, BIAS, MASK, DO, LSE2, DELTA, DQ,
                stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                stride_vb, stride_vh, stride_vn, stride_vd,
                stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_pvb, stride_pvh, stride_pvn, stride_pvd,
@@ -79,8 +80,10 @@ def _dq_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DQ,
                Hq, G, N, S, P, scale, scale_log2, dropout_p, seed, TUNE_Q, TUNE_KV,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-               DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: dQ for BLOCK_M query rows of one (b, h), over prefix then sequence keys."""
+               DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BANK: tl.constexpr,
+               ALIGN: tl.constexpr):
+    """One program: dQ for BLOCK_M query rows of one (b, h), over prefix then sequence keys. BANK: as in the
+    forward."""
     bh, b, h, hkv, m0, offs_m, offs_n, offs_d, d_ok, rows_ok, qi, qi64 = query_tile(
         Hq, G, N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM)
 
@@ -97,10 +100,11 @@ def _dq_kernel(Q, K, V, PK, PV, BIAS, MASK, DO, LSE2, DELTA, DQ,
     drop_rows = bh.to(tl.int64) * N + qi64
     shift = S - N
 
-    pk_base, pv_base, pk_tile, pv_tile = kv_tiles(PK, PV, b, hkv, stride_pkb, stride_pkh, stride_pkn, stride_pkd,
-                                                  stride_pvb, stride_pvh, stride_pvn, stride_pvd, offs_n, offs_d)
+    pk_base, pv_base, pk_tile, pv_tile, pk_row, pv_row, p_row = prefix_tiles(
+        PK, PV, ENTRIES, INDEX, b, hkv, stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_pvb, stride_pvh,
+        stride_pvn, stride_pvd, P, offs_n, offs_d, BANK=BANK, ALIGN=ALIGN)
     dq = _dq_stage(
-        dq, q, do, lse2, delta, pk_base, pv_base, stride_pkn, stride_pvn, pk_tile, pv_tile, 0, P, P, offs_n, d_ok, qi,
+        dq, q, do, lse2, delta, pk_base, pv_base, pk_row, pv_row, pk_tile, pv_tile, 0, p_row, p_row, offs_n, d_ok, qi,
         N, shift, scale_log2, bias_rows, stride_bj, mask_rows, stride_mj, seed, drop_rows, 0, dropout_p,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOUNDS=True, CAUSAL=False, HAS_BIAS=HAS_BIAS, HAS_MASK=False,
         DROPOUT=DROPOUT, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION)
@@ -158,7 +162,7 @@ def _dkdv_stage(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, q_tile, do
 
 
 @triton.jit(do_not_specialize=["seed", "TUNE_Q", "TUNE_KV"])
-def _dkdv_kernel(Q, K, V, BIAS, MASK, DO, LSE2, DELTA, DK, DV,
+def _dkdv_kernel(Q, K, V, ENTRIES, ORDER, STARTS, BIAS, MASK, DO, LSE2, DELTA, DK, DV,
                  stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_bb, stride_bh, stride_bn, stride_bj, stride_mb, stride_mh, stride_mn, stride_mj,
@@ -168,7 +172,8 @@ def _dkdv_kernel(Q, K, V, BIAS, MASK, DO, LSE2, DELTA, DK, DV,
                  TUNE_Q, TUNE_KV,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                 DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BANK: tl.constexpr,
+                 ALIGN: tl.constexpr):
     """dK, dV of one segment (prefix or sequence) whose keys are columns col0 .. col0 + n_keys of the P + S.
 
     One program: BLOCK_N keys of one KV head, summed over the (row, query head) pairs of its chunk: pairs
@@ -176,6 +181,10 @@ def _dkdv_kernel(Q, K, V, BIAS, MASK, DO, LSE2, DELTA, DK, DV,
     writes its sum to DK[chunk], DV[chunk]. For a per-row segment per_chunk = G, so chunk = b and DK is the
     gradient itself; for a shared prefix (batch stride 0) DK holds per-chunk partial sums, added up by the
     caller in a fixed order.
+
+    BANK: the segment is bank entry `chunk` (K, V: `BankTable.keys`, `values`; n_keys: the longest entry's P),
+    summed over the rows that read it, order[starts[chunk]:starts[chunk + 1]] (`BankTable.groups`), and their
+    G query heads, in that order; DK, DV are packed buffers (`BankTable.split`).
     """
     pid_n = tl.program_id(0)
     hkv = tl.program_id(1).to(tl.int64)
@@ -185,17 +194,22 @@ def _dkdv_kernel(Q, K, V, BIAS, MASK, DO, LSE2, DELTA, DK, DV,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    keys_ok = offs_n < n_keys
     kj = offs_n[:, None]
     kj64 = kj.to(tl.int64)
-    t_lo = chunk * per_chunk
-    t_hi = tl.minimum(t_lo + per_chunk, pairs)
-    b_kv = (t_lo // G).to(tl.int64)
-
-    k = load_rows(K + b_kv * stride_kb + hkv * stride_kh + kj64 * stride_kn + offs_d[None, :] * stride_kd, keys_ok,
-                  d_ok, CHECK_ROWS=True, EVEN_D=EVEN_D)
-    v = load_rows(V + b_kv * stride_vb + hkv * stride_vh + kj64 * stride_vn + offs_d[None, :] * stride_vd, keys_ok,
-                  d_ok, CHECK_ROWS=True, EVEN_D=EVEN_D)
+    chunk64 = tl.cast(chunk, tl.int64)
+    if BANK:
+        k_base, v_base, k_tile, v_tile, n_keys, t_lo, t_hi = entry_segment(
+            K, V, ENTRIES, STARTS, chunk64, hkv, n0, G, stride_kd, stride_vd, offs_n.to(tl.int64), offs_d, ALIGN=ALIGN)
+    else:
+        t_lo = chunk * per_chunk
+        t_hi = tl.minimum(t_lo + per_chunk, pairs)
+        b_kv = (t_lo // G).to(tl.int64)
+        k_base, v_base, k_tile, v_tile = kv_tiles(K, V, b_kv, hkv, stride_kb, stride_kh, stride_kn, stride_kd,
+                                                  stride_vb, stride_vh, stride_vn, stride_vd, offs_n.to(tl.int64),
+                                                  offs_d)
+    keys_ok = offs_n < n_keys
+    k = load_rows(k_base + k_tile, keys_ok, d_ok, CHECK_ROWS=True, EVEN_D=EVEN_D)
+    v = load_rows(v_base + v_tile, keys_ok, d_ok, CHECK_ROWS=True, EVEN_D=EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     q_tile = offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
@@ -208,7 +222,7 @@ def _dkdv_kernel(Q, K, V, BIAS, MASK, DO, LSE2, DELTA, DK, DV,
     if CAUSAL:
         m_lo = tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M
     for t in range(t_lo, t_hi):
-        b = (t // G).to(tl.int64)
+        b = tl.load(ORDER + t // G) if BANK else (t // G).to(tl.int64)
         h = hkv * G + t % G
         bh = b * Hq + h
         dk, dv = _dkdv_stage(
@@ -219,10 +233,13 @@ def _dkdv_kernel(Q, K, V, BIAS, MASK, DO, LSE2, DELTA, DK, DV,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, HAS_BIAS=HAS_BIAS, HAS_MASK=HAS_MASK, DROPOUT=DROPOUT,
             EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION)
 
-    chunk64 = tl.cast(chunk, tl.int64)
     out_mask = keys_ok[:, None] & d_ok[None, :]
-    dk_ptrs = DK + chunk64 * stride_dkc + hkv * stride_dkh + kj64 * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + chunk64 * stride_dvc + hkv * stride_dvh + kj64 * stride_dvn + offs_d[None, :] * stride_dvd
+    if BANK:  # after the loop: fewer registers held through it
+        dk_base, dv_base = entry_gradients(ENTRIES, DK, DV, chunk64, hkv, n_keys, stride_dkn, stride_dvn)
+    else:
+        dk_base, dv_base = DK + chunk64 * stride_dkc + hkv * stride_dkh, DV + chunk64 * stride_dvc + hkv * stride_dvh
+    dk_ptrs = dk_base + kj64 * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = dv_base + kj64 * stride_dvn + offs_d[None, :] * stride_dvd
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
@@ -357,17 +374,20 @@ _DKDV_MAX_BLOCK_N = max(config.block_n for config in DKDV.candidates)
 
 def attention_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, out, lse, *, causal: bool,
                        scale: float, dropout_p: float, seed: int, sequence_grad: bool = True, prefix_grad: bool = True,
-                       bias_grad: bool):
+                       bias_grad: bool, bank: BankTable | None = None):
     """Gradients of `attention_forward` given dout [B, Hq, N, D] and the forward's out and lse.
 
     Same arguments as `attention_forward` (the same `seed` regenerates the dropout mask). Returns
     (dq, dk, dv, dprefix_k, dprefix_v, dbias): gradients shaped like their inputs in q.dtype (a shared
-    prefix's gradient summed over rows and query heads); dk, dv only when `sequence_grad`, the prefix's only
-    when `prefix_grad`, dbias (shaped like attn_bias) only when `bias_grad`, else None and not launched.
+    prefix's gradient summed over rows and query heads; with `bank`, lists of each entry's gradient, summed
+    over the rows that read it); dk, dv only when `sequence_grad`, the prefix's only when `prefix_grad`, dbias
+    (shaped like attn_bias) only when `bias_grad`, else None and not launched.
     Deterministic: no atomics; partial sums are added in a fixed order.
     """
     B, Hq, N, D = q.shape
-    Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
+    Hkv, S = k.shape[1], k.shape[2]
+    prefix = prefix_args(prefix_k, prefix_v, bank, q)
+    P = prefix["P"]
     opts = compile_options(q)
     bias, bias_strides = broadcast_operand(attn_bias, (B, Hq, N, P + S), q, "b")
     mask, mask_strides = broadcast_operand(attn_mask, (B, Hq, N, S), q, "m")
@@ -384,15 +404,15 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, 
             out, dout, lse, delta, lse2, **strides("o", out), **strides("do", dout), Hq=Hq, N=N,
             HEAD_DIM=opts["HEAD_DIM"], BLOCK_D=opts["BLOCK_D"], EVEN_D=opts["EVEN_D"], BLOCK_M=block)
         _dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), Hq, B)](
-            q, k, v, prefix_k, prefix_v, bias, mask, dout, lse2, delta, dq,
-            **strides("k", k), **strides("v", v), **prefix_strides("pk", prefix_k), **prefix_strides("pv", prefix_v),
-            **strides("dq", dq), S=S, P=P, TUNE_KV=triton.next_power_of_2(P + S), CAUSAL=causal,
-            HAS_MASK=attn_mask is not None, **tuned)
+            q, k, v, **prefix, BIAS=bias, MASK=mask, DO=dout, LSE2=lse2, DELTA=delta, DQ=dq,
+            **strides("k", k), **strides("v", v), **strides("dq", dq), S=S, TUNE_KV=triton.next_power_of_2(P + S),
+            CAUSAL=causal, HAS_MASK=attn_mask is not None, **tuned)
 
         def segment_grads(seg_k, seg_v, seg_strides, n_keys, col0, dk_out, dv_out, count, per_chunk, seg_causal,
-                          seg_mask):
+                          seg_mask, grouped=None):
             _dkdv[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), Hkv, count)](
-                q, seg_k, seg_v, bias, mask, dout, lse2, delta, dk_out, dv_out, **seg_strides,
+                q, seg_k, seg_v, **(grouped or dict(ENTRIES=q, ORDER=q, STARTS=q, BANK=False, ALIGN=1)), BIAS=bias,
+                MASK=mask, DO=dout, LSE2=lse2, DELTA=delta, DK=dk_out, DV=dv_out, **seg_strides,
                 **strides("dk", dk_out, "chnd"), **strides("dv", dv_out, "chnd"), n_keys=n_keys, col0=col0,
                 shift=S - N, pairs=B * (Hq // Hkv), per_chunk=per_chunk, TUNE_KV=triton.next_power_of_2(n_keys),
                 CAUSAL=seg_causal, HAS_MASK=seg_mask, **tuned)
@@ -404,8 +424,10 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, 
             if S:
                 segment_grads(k, v, {**strides("k", k), **strides("v", v)}, S, P, dk, dv, B, Hq // Hkv, causal,
                               attn_mask is not None)
-        prefix_as_kv = {**prefix_strides("k", prefix_k), **prefix_strides("v", prefix_v)}
-        if prefix_grad and P and prefix_k.dim() == 3:
+        if prefix_grad and bank is not None:
+            dpk, dpv = _bank_grads(bank, segment_grads, q.dtype)
+        elif prefix_grad and P and prefix_k.dim() == 3:
+            prefix_as_kv = {**prefix_strides("k", prefix_k), **prefix_strides("v", prefix_v)}
             count, per_chunk = chunks(B * (Hq // Hkv), Hkv * triton.cdiv(P, _DKDV_MAX_BLOCK_N), q.device)
             parts = torch.empty((2, count, Hkv, P, D), dtype=torch.float32, device=q.device)
             segment_grads(prefix_k, prefix_v, prefix_as_kv, P, 0, parts[0], parts[1], count, per_chunk, False, False)
@@ -414,12 +436,30 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, 
             dpk = torch.empty(prefix_k.shape, dtype=q.dtype, device=q.device)
             dpv = torch.empty(prefix_v.shape, dtype=q.dtype, device=q.device)
             if P:
+                prefix_as_kv = {**prefix_strides("k", prefix_k), **prefix_strides("v", prefix_v)}
                 segment_grads(prefix_k, prefix_v, prefix_as_kv, P, 0, dpk, dpv, B, Hq // Hkv, False, False)
         dbias = None
         if bias_grad:
             dbias = _bias_grad(q, k, v, prefix_k, prefix_v, attn_bias, mask, dout, lse2, delta, causal=causal,
                                has_mask=attn_mask is not None, common=common)
     return dq, dk, dv, dpk, dpv, dbias
+
+
+def _bank_grads(bank: BankTable, segment_grads, dtype: torch.dtype) -> tuple[list, list]:
+    """Each bank entry's dK, dV ([Hkv, P_t, D] in `dtype`), summed over the rows that read it: one dK/dV launch,
+    one program per (key block, KV head, entry) looping over the entry's rows in order, written into packed
+    buffers (`BankTable.split`); zeros for an entry no row reads."""
+    Hkv, _, D = bank.keys.shape
+    dk, dv = (torch.empty(Hkv * sum(bank.lengths) * D, dtype=dtype, device=bank.keys.device) for _ in "kv")
+    if bank.max_p:
+        order, starts = bank.groups()
+        as_kv = dict(stride_kb=0, stride_kh=0, stride_kn=0, stride_kd=1, stride_vb=0, stride_vh=0, stride_vn=0,
+                     stride_vd=1)
+        # [1, 1, rows, D]: every entry's key rows, one after the other
+        segment_grads(bank.keys, bank.values, as_kv, bank.max_p, 0, dk.view(1, 1, -1, D), dv.view(1, 1, -1, D),
+                      len(bank.lengths), 1, False, False,
+                      dict(ENTRIES=bank.entries, ORDER=order, STARTS=starts, BANK=True, ALIGN=bank.align))
+    return bank.split(dk), bank.split(dv)
 
 
 def _bias_grad(q, k, v, prefix_k, prefix_v, attn_bias, mask, dout, lse2, delta, *, causal, has_mask, common):

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .bank import ENTRY_FIELDS, BankTable, entry_tiles
 from .common import (INTERPRETED, INTERPRETER_BLOCK, LN2, LOG2E_VALUE, broadcast_operand, chunks, compile_options,
                      device_guard, fwd_stage, load_rows, strides)
 from .tuning import DECODE, MERGE_WARPS, decode_preference, features_of, fixed_launch, preprocess_block
@@ -57,42 +58,61 @@ def _store_part(acc, l_i, m_i, PART_O, PART_L, part, out_rows, rows_ok, offs_d, 
 
 
 @triton.jit
-def _decode_prefix_kernel(Q, PK, PV, BIAS, PART_O, PART_L,
+def _decode_prefix_kernel(Q, PK, PV, ENTRIES, ORDER, STARTS, BIAS, PART_O, PART_L,
                           stride_qb, stride_qh, stride_qn, stride_qd, stride_pkh, stride_pkn, stride_pkd,
                           stride_pvh, stride_pvn, stride_pvd, stride_bb, stride_bh, stride_bn, stride_bj,
                           stride_pop, stride_por, stride_pod, stride_plp,
-                          Hq, G, N, P, n_rows, per_split, part0, scale_log2,
+                          Hq, G, N, P, n_rows, tiles, per_split, part0, scale_log2,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, BANK: tl.constexpr, ALIGN: tl.constexpr):
     """Shared prefix [Hkv, P, D]: one program = stacked query rows [pid0 * BLOCK_M, + BLOCK_M) of KV head
     pid1 (row r = (b * G + g) * N + i of the n_rows = B * G * N that read it) against prefix keys
-    [pid2 * per_split, + per_split). Writes part part0 + pid2 of every one of its rows."""
+    [pid2 * per_split, + per_split). Writes part part0 + pid2 of every one of its rows.
+
+    BANK: each entry of a prefix bank is such a shared prefix to the rows that read it. pid0 = entry * tiles +
+    tile: the stacked rows [tile * BLOCK_M, + BLOCK_M) of the rows order[starts[entry]:starts[entry + 1]]
+    (`BankTable.groups`) against the entry's keys; a tile past the entry's rows reads no key and writes nothing.
+    """
     hkv = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
-    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_ok = r < n_rows
-    b = (r // (G * N)).to(tl.int64)
-    g = (r // N) % G
-    i = (r % N).to(tl.int64)
-    h = hkv * G + g
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    lo = split * per_split
+    if BANK:
+        entry = tl.program_id(0) // tiles
+        first = tl.load(STARTS + entry)
+        entry_rows = (tl.load(STARTS + entry + 1) - first) * G * N
+        r = tl.program_id(0) % tiles * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_ok = r < entry_rows
+        b = tl.load(ORDER + first + r // (G * N), mask=rows_ok, other=0)
+        k_base, v_base, k_tile, v_tile, stride_kn, stride_vn, n_keys = entry_tiles(
+            PK, PV, ENTRIES + tl.cast(entry, tl.int64) * ENTRY_FIELDS, hkv, stride_pkd, stride_pvd, offs_n, offs_d,
+            ALIGN=ALIGN)
+        hi = tl.where(entry_rows > tl.program_id(0) % tiles * BLOCK_M, tl.minimum(lo + per_split, n_keys), lo)
+    else:
+        r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_ok = r < n_rows
+        b = (r // (G * N)).to(tl.int64)
+        k_base, v_base = PK + hkv * stride_pkh, PV + hkv * stride_pvh
+        k_tile = offs_n[:, None] * stride_pkn + offs_d[None, :] * stride_pkd
+        v_tile = offs_n[:, None] * stride_pvn + offs_d[None, :] * stride_pvd
+        stride_kn, stride_vn = stride_pkn, stride_pvn
+        hi = tl.minimum(lo + per_split, P)
+    g = (r // N) % G
+    i = (r % N).to(tl.int64)
+    h = hkv * G + g
 
     q = load_rows(Q + b[:, None] * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qn
                   + offs_d[None, :] * stride_qd, rows_ok, d_ok, CHECK_ROWS=True, EVEN_D=EVEN_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, P)
     bias_rows = BIAS + (b * stride_bb + h * stride_bh + i * stride_bn)[:, None]
     acc, l_i, m_i = fwd_stage(
-        acc, l_i, m_i, q, PK + hkv * stride_pkh, PV + hkv * stride_pvh, stride_pkn, stride_pvn,
-        offs_n[:, None] * stride_pkn + offs_d[None, :] * stride_pkd,
-        offs_n[:, None] * stride_pvn + offs_d[None, :] * stride_pvd,
-        lo, hi, hi, offs_n, d_ok, r[:, None], n_rows, 0, scale_log2, bias_rows, stride_bj, BIAS, 0, 0, 0, 0, 0.0,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_tile, v_tile, lo, hi, hi, offs_n, d_ok, r[:, None],
+        n_rows, 0, scale_log2, bias_rows, stride_bj, BIAS, 0, 0, 0, 0, 0.0,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOUNDS=True, CAUSAL=False, HAS_BIAS=HAS_BIAS, HAS_MASK=False,
         DROPOUT=False, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION)
     out_rows = (b * Hq + h) * N + i
@@ -193,34 +213,40 @@ def splits(n_keys: int, block_n: int, programs: int, device: torch.device) -> tu
     return triton.cdiv(n_keys, per_split), per_split
 
 
-def _segments(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, causal, opts):
+def _segments(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, causal, opts, bank):
     """The key segments of a decode call with their launches, and the number of parts they write:
     [(kernel, keys, values, n_keys, first column, causal, masked, LaunchConfig, splits, keys per split,
-    first part)]. A shared prefix goes through the stacked-query kernel, per-row keys (a per-row prefix, the
-    cache) through the split-KV kernel."""
+    first part)]. A shared prefix (and each entry of a bank, to its rows) goes through the stacked-query kernel,
+    per-row keys (a per-row prefix, the cache) through the split-KV kernel."""
     B, Hq, N, _ = q.shape
-    Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
+    Hkv, S = k.shape[1], k.shape[2]
+    P = prefix_k.shape[-2] if bank is None else bank.max_p
     G = Hq // Hkv
     segments = []
-    if P:
+    if bank is not None and P:
+        segments.append(("bank", bank.keys, bank.values, P, 0, False, False))
+    elif P:
         segments.append(("prefix" if prefix_k.dim() == 3 else "rows", prefix_k, prefix_v, P, 0, False, False))
     if S:
         segments.append(("rows", k, v, S, P, causal, attn_mask is not None))
     gathers = attn_mask is not None or attn_bias is not None
     launches, n_parts = [], 0
     for kind, seg_k, seg_v, n_keys, col0, seg_causal, seg_mask in segments:
-        tile_rows = B * G * N if kind == "prefix" else G * N
+        tile_rows = B * G * N if kind != "rows" else G * N
         features = features_of(dict(HAS_MASK=seg_mask, HAS_BIAS=attn_bias is not None))
-        config = fixed_launch(DECODE, decode_preference(kind, tile_rows, gathers), q, block_d=opts["BLOCK_D"],
-                              features=features)
-        programs = triton.cdiv(tile_rows, config.block_m) * Hkv * (1 if kind == "prefix" else B)
+        config = fixed_launch(DECODE, decode_preference("rows" if kind == "rows" else "prefix", tile_rows, gathers), q,
+                              block_d=opts["BLOCK_D"], features=features)
+        programs = triton.cdiv(tile_rows, config.block_m) * Hkv * (B if kind == "rows" else 1)
+        if kind == "bank":  # the entries share the B * G * N rows: up to one more tile per entry
+            programs += len(bank.lengths) * Hkv
         count, per_split = splits(n_keys, config.block_n, programs, q.device)
         launches.append((kind, seg_k, seg_v, n_keys, col0, seg_causal, seg_mask, config, count, per_split, n_parts))
         n_parts += count
     return launches, n_parts
 
 
-def decode_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, *, causal: bool, scale: float):
+def decode_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, *, causal: bool, scale: float,
+                   bank: BankTable | None = None):
     """Attention of a few queries per row over [prefix ; sequence] keys, forward only.
 
     Args:
@@ -230,18 +256,20 @@ def decode_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, *, causal:
         attn_bias: None or a tensor of q's dtype broadcastable to [B, Hq, N, P + S].
         causal: bottom-right causal mask on the sequence keys (query i sees key j iff j <= i + S - N).
         scale: score scale.
+        bank: row b's prefix is entry bank.index[b] of a prefix bank (prefix_k, prefix_v are None then).
 
     Returns:
         out [B, Hq, N, D] (contiguous, q.dtype) and lse [B, Hq, N] float32 (natural log; -inf and out = 0
         for rows that see no key): the same as `attention_forward` without dropout, within rounding.
     """
     B, Hq, N, D = q.shape
-    Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
+    Hkv, S = k.shape[1], k.shape[2]
+    P = prefix_k.shape[-2] if bank is None else bank.max_p
     opts = compile_options(q)
     bias, bias_strides = broadcast_operand(attn_bias, (B, Hq, N, P + S), q, "b")
     mask, mask_strides = broadcast_operand(attn_mask, (B, Hq, N, S), q, "m")
     n_rows = B * Hq * N
-    launches, n_parts = _segments(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, causal, opts)
+    launches, n_parts = _segments(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, causal, opts, bank)
     out = torch.empty((B, Hq, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
     part_o = torch.empty((n_parts, n_rows, D), dtype=torch.float32, device=q.device)
@@ -254,8 +282,15 @@ def decode_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, *, causal:
             launch = dict(per_split=per_split, part0=part0, **config.launch_options(), **common)
             if kind == "prefix":
                 _decode_prefix_kernel[(triton.cdiv(B * Hq // Hkv * N, config.block_m), Hkv, count)](
-                    q, seg_k, seg_v, bias, part_o, part_l, **strides("pk", seg_k, "hnd"), **strides("pv", seg_v, "hnd"),
-                    Hq=Hq, P=n_keys, n_rows=B * Hq // Hkv * N, **launch)
+                    q, seg_k, seg_v, q, q, q, bias, part_o, part_l, **strides("pk", seg_k, "hnd"),
+                    **strides("pv", seg_v, "hnd"), Hq=Hq, P=n_keys, n_rows=B * Hq // Hkv * N, tiles=1, BANK=False,
+                    ALIGN=1, **launch)
+            elif kind == "bank":
+                tiles = triton.cdiv(B * Hq // Hkv * N, config.block_m)
+                _decode_prefix_kernel[(len(bank.lengths) * tiles, Hkv, count)](
+                    q, seg_k, seg_v, bank.entries, *bank.groups(), bias, part_o, part_l, stride_pkh=0, stride_pkn=0,
+                    stride_pkd=1, stride_pvh=0, stride_pvn=0, stride_pvd=1, Hq=Hq, P=n_keys, n_rows=B * Hq // Hkv * N,
+                    tiles=tiles, BANK=True, ALIGN=bank.align, **launch)
             else:
                 _decode_rows_kernel[(B * Hkv, triton.cdiv(Hq // Hkv * N, config.block_m), count)](
                     q, seg_k, seg_v, bias, mask, part_o, part_l, **strides("k", seg_k), **strides("v", seg_v),

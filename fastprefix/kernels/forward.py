@@ -15,13 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .bank import BankTable, prefix_args, prefix_tiles
 from .common import (LN2, LOG2E_VALUE, broadcast_operand, compile_options, device_guard, fwd_stage, kv_tiles,
-                     load_rows, prefix_strides, query_tile, sequence_ranges, strides)
+                     load_rows, query_tile, sequence_ranges, strides)
 from .tuning import FWD, autotuned
 
 
 @triton.jit(do_not_specialize=["seed", "TUNE_Q", "TUNE_KV"])
-def _fwd_kernel(Q, K, V, PK, PV, BIAS, MASK, OUT, LSE,
+def _fwd_kernel(Q, K, V, PK, PV, ENTRIES, INDEX, BIAS, MASK, OUT, LSE,
                 stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_pvb, stride_pvh, stride_pvn, stride_pvd,
@@ -30,8 +31,11 @@ def _fwd_kernel(Q, K, V, PK, PV, BIAS, MASK, OUT, LSE,
                 Hq, G, N, S, P, scale_log2, dropout_p, seed, TUNE_Q, TUNE_KV,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: BLOCK_M query rows of one (row b, query head h). Writes out and lse (natural log)."""
+                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BANK: tl.constexpr,
+                ALIGN: tl.constexpr):
+    """One program: BLOCK_M query rows of one (row b, query head h). Writes out and lse (natural log). BANK: the
+    prefix of row b is bank entry INDEX[b] (`prefix_tiles`); P, the longest entry's, numbers the sequence's
+    columns."""
     bh, b, h, hkv, m0, offs_m, offs_n, offs_d, d_ok, rows_ok, qi, qi64 = query_tile(
         Hq, G, N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_DIM=HEAD_DIM)
 
@@ -45,10 +49,11 @@ def _fwd_kernel(Q, K, V, PK, PV, BIAS, MASK, OUT, LSE,
     drop_rows = bh.to(tl.int64) * N + qi64
     shift = S - N
 
-    pk_base, pv_base, pk_tile, pv_tile = kv_tiles(PK, PV, b, hkv, stride_pkb, stride_pkh, stride_pkn, stride_pkd,
-                                                  stride_pvb, stride_pvh, stride_pvn, stride_pvd, offs_n, offs_d)
+    pk_base, pv_base, pk_tile, pv_tile, pk_row, pv_row, p_row = prefix_tiles(
+        PK, PV, ENTRIES, INDEX, b, hkv, stride_pkb, stride_pkh, stride_pkn, stride_pkd, stride_pvb, stride_pvh,
+        stride_pvn, stride_pvd, P, offs_n, offs_d, BANK=BANK, ALIGN=ALIGN)
     acc, l_i, m_i = fwd_stage(
-        acc, l_i, m_i, q, pk_base, pv_base, stride_pkn, stride_pvn, pk_tile, pv_tile, 0, P, P, offs_n, d_ok, qi, N,
+        acc, l_i, m_i, q, pk_base, pv_base, pk_row, pv_row, pk_tile, pv_tile, 0, p_row, p_row, offs_n, d_ok, qi, N,
         shift, scale_log2, bias_rows, stride_bj, mask_rows, stride_mj, seed, drop_rows, 0, dropout_p,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BOUNDS=True, CAUSAL=False, HAS_BIAS=HAS_BIAS, HAS_MASK=False,
         DROPOUT=DROPOUT, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION)
@@ -81,7 +86,7 @@ _fwd = autotuned(_fwd_kernel, FWD)
 
 
 def attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, *, causal: bool, scale: float,
-                      dropout_p: float, seed: int):
+                      dropout_p: float, seed: int, bank: BankTable | None = None):
     """Attention of q over [prefix ; sequence] keys.
 
     Args:
@@ -91,23 +96,26 @@ def attention_forward(q, k, v, prefix_k, prefix_v, attn_mask, attn_bias, *, caus
         attn_bias: None or a tensor of q's dtype broadcastable to [B, Hq, N, P + S].
         causal: bottom-right causal mask on the sequence keys.
         scale: score scale. dropout_p: probability dropout; `seed` fixes its mask.
+        bank: row b's prefix is entry bank.index[b] of a prefix bank (prefix_k, prefix_v are None then).
 
     Returns:
         out [B, Hq, N, D] (contiguous, q.dtype) and lse [B, Hq, N] float32 (natural log; -inf and out = 0
         for rows that see no key).
     """
     B, Hq, N, D = q.shape
-    Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
+    Hkv, S = k.shape[1], k.shape[2]
+    prefix = prefix_args(prefix_k, prefix_v, bank, q)
+    P = prefix["P"]
     out = torch.empty((B, Hq, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, N), dtype=torch.float32, device=q.device)
     bias, bias_strides = broadcast_operand(attn_bias, (B, Hq, N, P + S), q, "b")
     mask, mask_strides = broadcast_operand(attn_mask, (B, Hq, N, S), q, "m")
     with device_guard(q):
         _fwd[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), Hq, B)](
-            q, k, v, prefix_k, prefix_v, bias, mask, out, lse,
-            **strides("q", q), **strides("k", k), **strides("v", v), **prefix_strides("pk", prefix_k),
-            **prefix_strides("pv", prefix_v), **bias_strides, **mask_strides, **strides("o", out),
-            Hq=Hq, G=Hq // Hkv, N=N, S=S, P=P, scale_log2=scale * LOG2E_VALUE, dropout_p=dropout_p, seed=seed,
+            q, k, v, **prefix, BIAS=bias, MASK=mask, OUT=out, LSE=lse,
+            **strides("q", q), **strides("k", k), **strides("v", v), **bias_strides, **mask_strides,
+            **strides("o", out), Hq=Hq, G=Hq // Hkv, N=N, S=S, scale_log2=scale * LOG2E_VALUE, dropout_p=dropout_p,
+            seed=seed,
             TUNE_Q=triton.next_power_of_2(N), TUNE_KV=triton.next_power_of_2(P + S),
             CAUSAL=causal, HAS_MASK=attn_mask is not None, HAS_BIAS=attn_bias is not None,
             DROPOUT=dropout_p > 0, **compile_options(q))

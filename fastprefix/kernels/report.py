@@ -5,15 +5,17 @@ targets, no GPU needed.
 
 Variants: each kernel (forward, backward preprocess, dQ, dK/dV of the sequence or a per-row prefix, dK/dV
 of a shared prefix into fp32 partials, dBias; the decode kernels: shared prefix over stacked queries,
-split-KV over per-row keys, merge of the parts) x features ("plain": none; "all": causal, mask, bias,
-dropout, those the kernel has) x every launch the resource gate admits (`tuning.Gate`: the autotune configs
-the pruner can keep for a long sequence or a decoding step, the fixed launches of the other kernels) x
-D in {64, 128, 256} (the decode kernels: 64, 128) x fp16/bf16 x sm_80 (A100), sm_86 (RTX 30xx, A10), sm_89
-(RTX 40xx, L4, L40S), sm_90 (H100, H200). float32 is not launched on GPUs (`tuning.FLOAT32_ON_GPUS`: its IEEE
-dots spill at most tile sizes, which this report showed when it covered float32). `--quick` compiles a
-representative set of targets (every architecture, head dim and dtype at least once; about 2 minutes on 2
-cores) instead of all of them. Arguments are specialized the way Triton's JIT specializes a typical call (unit
-last-dim strides become constants, pointers and other strides 16-divisible).
+split-KV over per-row keys, merge of the parts; reading a prefix bank by row index: forward, dQ, dK/dV of
+each entry over its rows, decode of each entry over its rows' stacked queries) x features ("plain": none;
+"all": causal, mask, bias, dropout, those the kernel has; a bank has no bias) x every launch the resource
+gate admits (`tuning.Gate`: the autotune configs the pruner can keep for a long sequence or a decoding step,
+the fixed launches of the other kernels) x D in {64, 128, 256} (the decode kernels: 64, 128) x fp16/bf16 x
+sm_80 (A100), sm_86 (RTX 30xx, A10), sm_89 (RTX 40xx, L4, L40S), sm_90 (H100, H200). float32 is not launched
+on GPUs (`tuning.FLOAT32_ON_GPUS`: its IEEE dots spill at most tile sizes, which this report showed when it
+covered float32). `--quick` compiles a representative set of targets (every architecture, head dim and
+dtype at least once; about 2 minutes on 2 cores) instead of all of them. Arguments are specialized the way
+Triton's JIT specializes a typical call (unit last-dim strides become constants, pointers and other strides
+16-divisible).
 
 For each variant: registers, shared memory, stack, local memory and local loads/stores in the SASS
 (spills), the tensor-core instructions present (HMMA: mma.sync, Ampere and later; HGMMA: Hopper wgmma), and
@@ -54,10 +56,13 @@ FEATURES = {
 DEFAULT_LAUNCH = (4, 3)  # (num_warps, num_stages) of a launch that passes neither
 
 _FP32_POINTERS = {"LSE", "DELTA", "LSE2", "DB", "PART_O", "PART_L"}
+_INT64_POINTERS = {"ENTRIES", "INDEX", "ORDER", "STARTS"}
+BANK = {"BANK": True, "ALIGN": 8, "HAS_BIAS": False}
+"""Constexprs of the bank variants: no bias, entries' offsets and strides 16-byte aligned (fp16/bf16)."""
 _FLOATS = {"scale", "scale_log2", "dropout_p"}
 _SIZES = {"Hq", "G", "N", "S", "P", "n_keys", "col0", "shift", "pairs", "per_chunk", "seed", "TUNE_Q",
           "TUNE_KV", "Hb", "units_h", "units_m", "units", "out_rows", "chunks", "Hkv", "n_rows", "per_split",
-          "part0", "n_parts"}
+          "part0", "n_parts", "tiles"}
 _NO_DOTS = {"bwd_preprocess", "decode_merge"}
 
 
@@ -135,6 +140,11 @@ def _kernels():
         "decode_prefix": (decode._decode_prefix_kernel, {}, None, None),
         "decode_rows": (decode._decode_rows_kernel, {}, None, None),
         "decode_merge": (decode._decode_merge_kernel, {}, None, None),
+        "fwd_bank": (forward._fwd_kernel, BANK, None, tuning.FWD),
+        "dq_bank": (backward._dq_kernel, BANK, None, tuning.DQ),
+        # each entry's gradient over its rows: like a prefix, never causal- or attn_mask-masked
+        "dkdv_bank": (backward._dkdv_kernel, {**BANK, "CAUSAL": False, "HAS_MASK": False}, None, tuning.DKDV),
+        "decode_prefix_bank": (decode._decode_prefix_kernel, BANK, None, None),
     }
 
 
@@ -217,8 +227,8 @@ def _signature(fn, dtype: str, dk_dtype: str):
         elif name in _SIZES:
             signature[name] = "i32"
         elif name.isupper():
-            element = ("fp32" if name in _FP32_POINTERS else "u8" if name == "MASK"
-                       else dk_dtype if name in ("DK", "DV") else dtype)
+            element = ("fp32" if name in _FP32_POINTERS else "i64" if name in _INT64_POINTERS
+                       else "u8" if name == "MASK" else dk_dtype if name in ("DK", "DV") else dtype)
             signature[name] = "*" + element
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
@@ -249,7 +259,7 @@ def compile_variant(v: Variant) -> Result:
     result = Result(v)
     signature, constants, attrs = _signature(fn, v.dtype, dk_dtype or v.dtype)
     values = dict(HEAD_DIM=v.head_dim, BLOCK_D=_block_d(v.head_dim), EVEN_D=_block_d(v.head_dim) == v.head_dim,
-                  BLOCK_M=v.block_m, UPCAST=False, PRECISION="tf32", BLOCK_N=v.block_n)
+                  BLOCK_M=v.block_m, UPCAST=False, PRECISION="tf32", BLOCK_N=v.block_n, BANK=False, ALIGN=1)
     values.update(_constexprs(v.kernel, v.features))
     for name, kind in signature.items():
         if kind == "constexpr" and name not in constants:

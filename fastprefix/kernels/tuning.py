@@ -21,8 +21,8 @@ import triton
 
 from .common import INTERPRETED, INTERPRETER_BLOCK
 
-FEATURE_FLAGS = {"mask": "HAS_MASK", "bias": "HAS_BIAS", "dropout": "DROPOUT"}
-TUNE_KEY = ["TUNE_Q", "TUNE_KV", "HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_BIAS", "DROPOUT"]
+FEATURE_FLAGS = {"mask": "HAS_MASK", "bias": "HAS_BIAS", "dropout": "DROPOUT", "bank": "BANK"}
+TUNE_KEY = ["TUNE_Q", "TUNE_KV", "HEAD_DIM", "CAUSAL", "HAS_MASK", "HAS_BIAS", "DROPOUT", "BANK"]
 REGISTERS_PER_THREAD = 64
 """fp32 accumulator registers a thread may hold; more leaves too few for operands and spills."""
 
@@ -187,9 +187,11 @@ DQ = Tuning("dq", Footprint(acc_m=1, resident_m=2, streamed_n=2), {
 DKDV = Tuning("dkdv", Footprint(acc_n=2, resident_n=2, streamed_m=2), {
     LaunchConfig(32, 64, 8, 2): lambda g: not {"bias", "dropout"} <= g.features,
     LaunchConfig(16, 64, 8, 2): lambda g: not {"bias", "dropout"} <= g.features or g.arch < 90 or g.block_d <= 64,
-    LaunchConfig(16, 32, 4, 2): _always,
-    # Only where four warps cannot hold the accumulators (BLOCK_D = 256).
-    LaunchConfig(16, 32, 8, 2): lambda g: g.block_d > 128,
+    # A bank entry's sum over its rows spills 6 registers here on sm_80 at D = 128 (the compile report).
+    LaunchConfig(16, 32, 4, 2): lambda g: "bank" not in g.features or g.arch >= 90,
+    # Only where four warps cannot hold the accumulators (BLOCK_D = 256); for a bank, it spills on sm_86 (12
+    # LDL/STL) and is verified on sm_80 and sm_90 only.
+    LaunchConfig(16, 32, 8, 2): lambda g: g.block_d > 128 and ("bank" not in g.features or g.arch in (80, 90)),
 })
 DBIAS = Tuning("dbias", Footprint(acc_mn=1, streamed_m=2, streamed_n=2), {
     LaunchConfig(64, 32, 8, 2): lambda g: g.block_d <= 128,
@@ -210,7 +212,7 @@ TUNED = {tuning.name: tuning for tuning in (FWD, DQ, DKDV)}
 
 
 def features_of(flags: dict) -> frozenset:
-    """The features a launch uses, from its HAS_MASK / HAS_BIAS / DROPOUT constexprs."""
+    """The features a launch uses, from its HAS_MASK / HAS_BIAS / DROPOUT / BANK constexprs."""
     return frozenset(name for name, flag in FEATURE_FLAGS.items() if flags.get(flag))
 
 
