@@ -38,3 +38,4 @@ def timed_once(benchmark):
         return result, peak, seconds
 
     return measure
+

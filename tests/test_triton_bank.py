@@ -19,8 +19,8 @@ from fastprefix import kernels
 from fastprefix.kernels import common
 from fastprefix.ops import bank_prefix_attention
 from fastprefix.presets import tiny_llama
-from fastprefix.reference import reference_attention
 from fastprefix.testing import AllocationRecorder, compare, materialization_violations, relative_error
+from helpers.bank import bank_oracle
 from helpers.interpreter import device, poison_launchers
 from helpers.llama import padded_batch
 
@@ -56,17 +56,6 @@ def bank_inputs(N, S, dtype, generator):
     return q, k, v, [randn(HKV, P, D) for P in LENGTHS], [randn(HKV, P, D) for P in LENGTHS]
 
 
-def oracle(q, k, v, bank_k, bank_v, index, causal, mask, dtype):
-    """Each row alone against its entry as a shared prefix, by the materializing reference in `dtype`."""
-    outs, lses = [], []
-    for b, t in enumerate(index.tolist()):
-        out, lse = reference_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], bank_k[t], bank_v[t], causal=causal,
-                                       attn_mask=None if mask is None else mask[b:b + 1], compute_dtype=dtype)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
-
-
 def padding(mask):
     return None if mask is None else mask[:, None, None, :].to(device())
 
@@ -84,8 +73,8 @@ def comparisons(inputs, index, causal, mask, out, lse, grads=None, dout=None):
 
     def run_oracle(dtype):
         copies = [t.detach().cpu().to(dtype).requires_grad_() for t in tensors]
-        o, l = oracle(*copies[:3], copies[3:3 + T], copies[3 + T:], index.cpu(), causal, None if mask is None
-                      else mask.cpu(), dtype)
+        o, l = bank_oracle(*copies[:3], copies[3:3 + T], copies[3 + T:], index.cpu(), causal,
+                           None if mask is None else mask.cpu(), dtype)
         if dout is None:
             return o, l, []
         return o, l, torch.autograd.grad(o, copies, dout.cpu().to(dtype), allow_unused=True)
@@ -168,7 +157,7 @@ def test_decode_stacks_the_rows_of_an_entry_over_several_tiles(monkeypatch):
     bank_v = [torch.randn(HKV, P, D, generator=gen).to(device()) for P in (70, 9)]
     with torch.no_grad():
         out, lse = bank_prefix_attention(q, k, v, bank_k, bank_v, global_index, return_lse=True, backend="triton")
-    ref_out, ref_lse = oracle(q, k, v, bank_k, bank_v, global_index, False, None, torch.float64)
+    ref_out, ref_lse = bank_oracle(q, k, v, bank_k, bank_v, global_index, False, None, torch.float64)
     assert relative_error(out, ref_out) < 1e-6 and relative_error(lse, ref_lse) < 1e-6
 
 
